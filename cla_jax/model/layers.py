@@ -1,0 +1,68 @@
+"""Llama-style building blocks: RMSNorm, rotary embeddings, SwiGLU, projections.
+
+Every parameter carries logical axis names (embed, heads, kv_heads, head_dim, mlp, vocab) so
+that `cla_jax.sharding` can place it on a mesh; see DESIGN.md section 6.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cla_jax.config import ModelConfig
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def normal_init(config: ModelConfig, axes: Sequence[str]):
+    """N(0, init_std) init (the paper's 0.01275) annotated with logical axes."""
+    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), tuple(axes))
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.config
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x_BTD.shape[-1],), dtype_of(cfg.param_dtype))
+        # Statistics in float32 whatever the compute dtype: bf16 variance underflows.
+        x = x_BTD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+        return (x * scale.astype(jnp.float32)).astype(dtype_of(cfg.dtype))
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding, half-split convention (as Llama / Hugging Face), in float32."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BTH = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angles_BTH)[:, :, None, :], jnp.cos(angles_BTH)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BTNH.dtype)
+
+
+def projection(config: ModelConfig, features, axis, kernel_axes: Sequence[str], name: str):
+    """A bias-free DenseGeneral in the compute dtype with fp32 (param_dtype) master weights."""
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=False, name=name,
+        dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
+        kernel_init=normal_init(config, kernel_axes))
+
+
+class SwiGLU(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.config
+        gate = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "gate")(x_BTD)
+        up = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "up")(x_BTD)
+        h_BTF = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return projection(cfg, cfg.d_model, -1, ("mlp", "embed"), "down")(h_BTF)

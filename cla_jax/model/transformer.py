@@ -1,0 +1,167 @@
+"""The CLA decoder: embed -> stages (one nn.scan each, one step per layer group) -> logits.
+
+One forward serves training (no cache), prefill and decode (a grouped cache in and out):
+
+    logits_BTV, cache = Transformer(config).apply(
+        {"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache)
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cla_jax.cache import KVCache, StageCache
+from cla_jax.config import ModelConfig
+from cla_jax.model.attention import attend
+from cla_jax.model.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, projection
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole group in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def write_cache(cache_BSKH: jax.Array, new_BTKH: jax.Array, positions_BT: jax.Array):
+    """Writes each token's K or V at its position; positions past the end are dropped."""
+    rows_B1 = jnp.arange(cache_BSKH.shape[0])[:, None]
+    return cache_BSKH.at[rows_B1, positions_BT].set(new_BTKH.astype(cache_BSKH.dtype),
+                                                     mode="drop")
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU. Only a producer owns K/V projections (and a cache slot)."""
+
+    config: ModelConfig
+    produces_kv: bool
+    separate_kv_norm: bool
+    causal_only: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, kv, cache_kv, mask_BTS, positions_BT):
+        cfg = self.config
+        h_BTD = RMSNorm(cfg, name="attn_norm")(x_BTD)
+        if self.produces_kv:
+            # CLA: a shared K/V gets its own norm; a group of one is a plain Llama layer.
+            kv_in = RMSNorm(cfg, name="kv_norm")(x_BTD) if self.separate_kv_norm else h_BTD
+            kv_features, kv_axes = (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
+            k_BTKH = projection(cfg, kv_features, -1, kv_axes, "key")(kv_in)
+            v_BTKH = projection(cfg, kv_features, -1, kv_axes, "value")(kv_in)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
+            if cache_kv is not None:
+                cache_kv = tuple(write_cache(c, new, positions_BT)
+                                 for c, new in zip(cache_kv, (k_BTKH, v_BTKH)))
+                k_BTKH, v_BTKH = (c.astype(k_BTKH.dtype) for c in cache_kv)
+            axes = ("batch", "length", "kv_heads", "head_dim")
+            kv = tuple(nn.with_logical_constraint(a, axes) for a in (k_BTKH, v_BTKH))
+
+        q_BTNH = projection(cfg, (cfg.num_heads, cfg.head_dim), -1,
+                            ("embed", "heads", "head_dim"), "query")(h_BTD)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base)
+        q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
+        out_BTNH = attend(q_BTNH, *kv, mask_BTS, kind=cfg.attention, causal_only=self.causal_only)
+        x_BTD = x_BTD + projection(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"),
+                                   "out")(out_BTNH)
+        x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTD))
+        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), kv, cache_kv
+
+
+class CLAGroup(nn.Module):
+    """One scan step: the producer computes K/V once, every layer of the group uses them."""
+
+    config: ModelConfig
+    group_size: int
+    causal_only: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, cache_kv, mask_BTS, positions_BT):
+        kv = None
+        for i in range(self.group_size):
+            x_BTD, kv, cache_kv = DecoderLayer(
+                self.config, produces_kv=i == 0, separate_kv_norm=self.group_size > 1,
+                causal_only=self.causal_only, name=f"layer_{i}",
+            )(x_BTD, kv, cache_kv, mask_BTS, positions_BT)
+        return x_BTD, cache_kv
+
+
+def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_only: bool,
+                  name: str) -> nn.Module:
+    """A stage: `num_groups` equal groups as one nn.scan; params get a leading `layers` axis."""
+    group = CLAGroup
+    if config.remat != "none":
+        group = nn.remat(CLAGroup, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+    return nn.scan(
+        group, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast), length=num_groups,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config, group_size, causal_only, name=name)
+
+
+def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None):
+    """Boolean [B, T, S] mask: causal, within one packed document, or over cache slots."""
+    b, t = tokens_BT.shape
+    if cache is not None:
+        # Slot j holds position j; slots past a query's position are empty or stale padding.
+        return jnp.arange(cache.max_length)[None, None, :] <= positions_BT[:, :, None]
+    index = jnp.arange(t)
+    mask_BTS = jnp.broadcast_to(index[:, None] >= index[None, :], (b, t, t))
+    if segment_ids_BT is not None:
+        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    return mask_BTS
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT, segment_ids_BT=None, cache: KVCache | None = None):
+        """Logits [B, T, vocab] in float32 and the updated cache (None without one).
+
+        segment_ids_BT: packed documents (attention stays inside a segment) in training; with
+        a cache, 0 marks padding tokens that do not count towards the cache lengths.
+        """
+        cfg = self.config
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
+                         param_dtype=dtype_of(cfg.param_dtype),
+                         embedding_init=normal_init(cfg, ("vocab", "embed")), name="embed")
+        x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
+        mask_BTS = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache)
+        causal_only = cache is None and segment_ids_BT is None
+
+        new_stages = []
+        for s, (group_size, num_groups) in enumerate(cfg.stages):
+            stage_kv = None if cache is None else (cache.stages[s].key, cache.stages[s].value)
+            x_BTD, stage_kv = scanned_stage(cfg, group_size, num_groups, causal_only,
+                                            name=f"stage_{s}")(x_BTD, stage_kv, mask_BTS,
+                                                               positions_BT)
+            if cache is not None:
+                new_stages.append(StageCache(*stage_kv))
+
+        x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = projection(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "unembed")(x_BTD)
+        logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
+                                                ("batch", "length", "vocab"))
+        if cache is None:
+            return logits_BTV, None
+        valid_BT = jnp.ones_like(tokens_BT, bool) if segment_ids_BT is None else segment_ids_BT > 0
+        written_B = jnp.max(jnp.where(valid_BT, positions_BT + 1, 0), axis=1)
+        return logits_BTV, KVCache(stages=tuple(new_stages),
+                                   lengths=jnp.maximum(cache.lengths, written_B))
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Parameters (boxed with their logical axis names) for `config`.
+
+    Jitted: an eager init of a scanned model dispatches op by op and is many times slower.
+    """
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(lambda r: Transformer(config).init(r, tokens, tokens)["params"])(rng)
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes and dtypes of the parameters, without allocating them (works at 1B+)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -1,0 +1,6 @@
+"""1B H64-MQA-CLA2 (paper's Table 1)."""
+from configs.paper.common import SCALE_1B, paper_config
+
+
+def get_config():
+    return paper_config(SCALE_1B, head_dim=64, num_heads=32, num_kv_heads=1, kv_sharing=2)
