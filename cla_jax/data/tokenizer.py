@@ -1,0 +1,299 @@
+"""Tokenizers behind one small interface: bytes, SentencePiece BPE, Hugging Face `tokenizer.json`.
+
+Every tokenizer here uses the same three special ids, so the packing code and the model never
+need to ask which tokenizer they got:
+
+    0 = pad (never a real token; loss weight 0)
+    1 = bos, the document separator put in front of every document
+    2 = eos (reserved; the packed stream uses bos only)
+
+`token_bytes()` gives the number of UTF-8 bytes each id stands for, so that
+bits/byte = sum(nll) / ln(2) / sum(token_bytes[targets]) compares tokenizers fairly. The special
+ids count 0 bytes: predicting a document boundary is charged to the text's bytes, which sum to
+exactly the UTF-8 length of the text for the byte and SentencePiece (byte_fallback) tokenizers.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import io
+import json
+import pathlib
+import re
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+NUM_SPECIAL_IDS = 3
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> int ids, with pad 0, a document separator (bos) and per-token byte counts."""
+
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def identity(self) -> str:
+        """A short string that changes whenever the id mapping could: names caches."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without any special id."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special ids are skipped."""
+
+    @abc.abstractmethod
+    def token_bytes(self) -> np.ndarray:
+        """int64 [vocab_size]: UTF-8 bytes each id stands for (0 for special ids)."""
+
+
+class ByteTokenizer(Tokenizer):
+    """One id per UTF-8 byte (id = byte + 3); no training, exact round trip."""
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + NUM_SPECIAL_IDS
+
+    @property
+    def identity(self) -> str:
+        return "byte"
+
+    def encode(self, text: str) -> list[int]:
+        data = np.frombuffer(text.encode("utf-8"), np.uint8)
+        return (data.astype(np.int64) + NUM_SPECIAL_IDS).tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        data = bytes(i - NUM_SPECIAL_IDS for i in ids if NUM_SPECIAL_IDS <= i < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        counts = np.ones(self.vocab_size, np.int64)
+        counts[:NUM_SPECIAL_IDS] = 0
+        return counts
+
+
+def _short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def _training_chunks(texts: Iterable[str]) -> Iterable[str]:
+    # SentencePiece trains on "sentences"; paragraphs keep their newlines, so pieces such as
+    # ",\n" can be learned, and stay short enough for its sentence length limit.
+    for text in texts:
+        for paragraph in re.split(r"(?<=\n\n)", text):
+            if paragraph:
+                yield paragraph
+
+
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model. Models trained here use ids 0/1/2 natively; a foreign model
+    (e.g. one without a pad id) has its ids shifted up by 3 so the special ids stay 0/1/2."""
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece
+
+        self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        sp = self._processor
+        native = sp.pad_id() == PAD_ID and sp.bos_id() == BOS_ID and sp.eos_id() == EOS_ID
+        self._offset = 0 if native else NUM_SPECIAL_IDS
+        self._identity = f"spm{sp.get_piece_size()}-{_short_hash(model_proto)}"
+
+    @classmethod
+    def load(cls, model_path: str | pathlib.Path) -> "SentencePieceTokenizer":
+        return cls(pathlib.Path(model_path).read_bytes())
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, model_path: str | pathlib.Path
+    ) -> "SentencePieceTokenizer":
+        """Trains a byte-fallback BPE on `texts` (the train split) unless `model_path` exists."""
+        import sentencepiece
+
+        model_path = pathlib.Path(model_path)
+        if model_path.exists():
+            return cls.load(model_path)
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(_training_chunks(texts)),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            # Exact round trip: no normalisation, no whitespace rewriting, no dummy space in
+            # front (that would also add a byte to token_bytes that the text does not have).
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            character_coverage=1.0,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=NUM_SPECIAL_IDS,
+            max_sentence_length=1 << 16,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            minloglevel=2,
+        )
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = model_path.with_suffix(".partial")
+        partial.write_bytes(model.getvalue())
+        partial.replace(model_path)  # Atomic: a killed run never leaves half a model.
+        return cls(model.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._processor.get_piece_size() + self._offset
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._processor.encode(text)
+        return [i + self._offset for i in ids] if self._offset else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._processor.decode(
+            [i - self._offset for i in ids if i >= NUM_SPECIAL_IDS]
+        )
+
+    def token_bytes(self) -> np.ndarray:
+        sp = self._processor
+        counts = np.zeros(self.vocab_size, np.int64)
+        for i in range(sp.get_piece_size()):
+            if sp.is_byte(i):
+                n = 1
+            elif sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                n = 0
+            else:
+                n = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+            counts[i + self._offset] = n
+        return counts
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    # Byte-level BPE spells every byte as a printable character: printable Latin-1 bytes as
+    # themselves, the others as chr(256 + k) in byte order.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            mapping[chr(256 + extra)] = b
+            extra += 1
+    return mapping
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (needs the optional `tokenizers` package).
+
+    Its ids are shifted up by 3 so that 0/1/2 are pad/bos/eos. token_bytes is exact for
+    byte-level BPE (GPT-2 style) models. For SentencePiece-style models ("▁" for space, <0xNN>
+    byte pieces) it counts each "▁" as one byte, which over-counts the one space a Metaspace
+    pre-tokenizer prepends to a text; for WordPiece-like models it misses the spaces the
+    decoder inserts between words.
+    """
+
+    def __init__(self, json_path: str | pathlib.Path):
+        try:
+            import tokenizers
+        except ImportError:
+            raise ImportError(
+                f"{json_path}: loading a tokenizer.json needs the `tokenizers` package: "
+                "pip install tokenizers"
+            ) from None
+        json_path = pathlib.Path(json_path)
+        raw = json_path.read_bytes()
+        self._tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        self._spec = json.loads(raw)
+        self._identity = f"hf{self._tokenizer.get_vocab_size()}-{_short_hash(raw)}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size() + NUM_SPECIAL_IDS
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return [i + NUM_SPECIAL_IDS for i in ids]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode(
+            [i - NUM_SPECIAL_IDS for i in ids if i >= NUM_SPECIAL_IDS], skip_special_tokens=True
+        )
+
+    def _decoder_types(self) -> set[str]:
+        decoder = self._spec.get("decoder") or {}
+        return {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+
+    def token_bytes(self) -> np.ndarray:
+        byte_level = "ByteLevel" in self._decoder_types()
+        unicode_to_byte = _gpt2_unicode_to_byte()
+        special = {t["id"] for t in self._spec.get("added_tokens", []) if t.get("special")}
+        counts = np.zeros(self.vocab_size, np.int64)
+        for token, i in self._tokenizer.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                n = 0
+            elif byte_level and all(c in unicode_to_byte for c in token):
+                n = len(token)
+            elif _BYTE_PIECE.match(token):
+                n = 1
+            else:
+                n = len(token.removeprefix("##").replace("\u2581", " ").encode("utf-8"))
+            counts[i + NUM_SPECIAL_IDS] = n
+        return counts
+
+
+def load_tokenizer(
+    spec: str,
+    *,
+    cache_dir: str | pathlib.Path | None = None,
+    training_texts: Callable[[], Iterable[str]] | None = None,
+) -> Tokenizer:
+    """Builds a tokenizer from a string spec.
+
+    "byte"             ByteTokenizer
+    "bpe:<vocab_size>" SentencePiece BPE cached as `cache_dir/bpe<vocab_size>.model`, trained on
+                       `training_texts()` (the train split) the first time
+    "<path>.model"     an existing SentencePiece model
+    "<path>.json"      a Hugging Face tokenizer.json (needs `tokenizers`)
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if match := re.fullmatch(r"bpe:(\d+)", spec):
+        vocab_size = int(match.group(1))
+        if cache_dir is None:
+            raise ValueError(f"tokenizer {spec!r} needs a cache_dir to keep the trained model in")
+        model_path = pathlib.Path(cache_dir) / f"bpe{vocab_size}.model"
+        if not model_path.exists() and training_texts is None:
+            raise ValueError(
+                f"tokenizer {spec!r}: {model_path} does not exist and no training texts were given"
+            )
+        texts = training_texts() if not model_path.exists() else ()
+        return SentencePieceTokenizer.train(texts, vocab_size, model_path)
+    if spec.endswith((".model", ".json")):
+        path = pathlib.Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        return SentencePieceTokenizer.load(path) if spec.endswith(".model") else HFTokenizer(path)
+    raise ValueError(
+        f"unknown tokenizer spec {spec!r}: use 'byte', 'bpe:<vocab_size>', a .model or a .json path"
+    )
