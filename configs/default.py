@@ -21,4 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0,
         log_every=25, eval_every=400, eval_batches=16, checkpoint_every=400, keep_checkpoints=2,
     ))
+    config.data = ml_collections.ConfigDict(dict(
+        source="shakespeare",  # or "files:<glob>" or "tfds:<name>"; see cla_jax/data/corpus.py
+        name="shakespeare", data_dir="", tokenizer="bpe:4096", validation_fraction=0.1,
+        train_split="train", validation_split="validation",
+    ))
     return config

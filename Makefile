@@ -1,0 +1,26 @@
+# The two set-up commands of the README. Each builds .venv from requirements.txt when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/demo
+CACHE ?= $(HOME)/.cache/cla-jax
+
+.PHONY: demo test clean
+
+$(VENV)/installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# Train a small CLA model on the embedded Shakespeare corpus, evaluate it, sample from it.
+demo: $(VENV)/installed
+	$(PY) train.py --config=configs/default.py --workdir=$(WORKDIR) --cache_dir=$(CACHE)
+	$(PY) eval.py --workdir=$(WORKDIR) --cache_dir=$(CACHE)
+	$(PY) generate.py --workdir=$(WORKDIR) --cache_dir=$(CACHE) --prompt="ROMEO:" --max_new_tokens=120
+
+test: $(VENV)/installed
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) $(WORKDIR)

@@ -1,0 +1,1 @@
+"""Training: optimizer, state, jitted steps and the loop."""

@@ -1,0 +1,161 @@
+"""The training loop: data -> jitted steps -> metrics, periodic eval, checkpoints, resume."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cla_jax import checkpoint, evaluation
+from cla_jax.config import ConfigError, ModelConfig, kv_bytes_per_token, num_params
+from cla_jax.data import eval_batches, train_batches
+from cla_jax.data.corpus import Corpus, prepare_corpus
+from cla_jax.train.metrics import MetricsWriter, peak_flops, train_flops_per_token
+from cla_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from cla_jax.train.state import init_state
+from cla_jax.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def say(message: str) -> None:
+    """A progress line on process 0 (absl runs at WARNING: orbax is chatty at INFO)."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def check_train_config(train, model: ModelConfig, corpus: Corpus) -> None:
+    if train.steps <= 0:
+        raise ConfigError(f"train.steps must be > 0, got {train.steps}")
+    if train.batch_size % (train.grad_accum_steps * jax.process_count()):
+        raise ConfigError(
+            f"train.batch_size ({train.batch_size}) must be divisible by train.grad_accum_steps "
+            f"({train.grad_accum_steps}) x processes ({jax.process_count()})")
+    if train.seq_len > model.max_seq_len:
+        raise ConfigError(f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len "
+                          f"({model.max_seq_len})")
+    if corpus.tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
+
+
+class _StopOnSigterm:
+    """SIGTERM (preemption, Ctrl-C from a scheduler) asks the loop to checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def validation_metrics(eval_step, params, corpus: Corpus, train, max_batches: int | None):
+    batches = eval_batches(corpus.validation, train.seq_len, train.batch_size,
+                           jax.process_index(), jax.process_count())
+    if max_batches:
+        batches = (b for _, b in zip(range(max_batches), batches))
+    return evaluation.evaluate(eval_step, params, batches, progress=False)
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pathlib.Path):
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final
+    validation metrics (on `train.eval_batches` batches)."""
+    workdir = pathlib.Path(workdir).absolute()
+    model = ModelConfig.from_dict(config.model)
+    train = config.train
+    ckpt_dir = workdir / "checkpoints"
+    latest = checkpoint.good_steps(ckpt_dir)
+    if latest:  # Refuse a foreign run before writing anything into its workdir.
+        _, meta = checkpoint.read_meta(ckpt_dir, latest[-1])
+        saved = ModelConfig.from_dict(meta["config"]["model"]).to_dict()
+        checkpoint.check_same_model(saved, model.to_dict(), workdir)
+    corpus = prepare_corpus(config.data, cache_dir)
+    check_train_config(train, model, corpus)
+
+    optimizer = make_optimizer(train)
+    state = init_state(model, optimizer, jax.random.key(train.seed))
+    data = train_batches(corpus.train, train.seq_len, train.batch_size, train.seed,
+                         jax.process_index(), jax.process_count())
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=train.keep_checkpoints)
+    if latest:
+        state, meta = checkpointer.restore(latest[-1], state)
+        data.set_state(meta["data"])
+        say(f"resumed from step {latest[-1]} in {ckpt_dir}")
+
+    train_step = make_train_step(model, optimizer, train.grad_accum_steps)
+    eval_step = make_eval_step(model, corpus.tokenizer.token_bytes())
+    schedule = learning_rate_schedule(train)
+    writer = MetricsWriter(workdir)
+    flops_per_token, peak = train_flops_per_token(model, train.seq_len), peak_flops()
+    say(f"model: {num_params(model):,} params, layer groups {list(model.groups)}, KV cache "
+        f"{kv_bytes_per_token(model)} bytes/token at 16 bit; corpus: {len(corpus.train):,} train "
+        f"/ {len(corpus.validation):,} validation tokens")
+
+    step = int(state.step)
+    stop = _StopOnSigterm()
+    pending, interval_start, last_eval = [], time.perf_counter(), None
+    bar = tqdm(total=train.steps, initial=step, desc="train", unit="step",
+               disable=jax.process_index() != 0)
+    try:
+        while step < train.steps and not stop.requested:
+            state, metrics = train_step(state, next(data))
+            step += 1
+            pending.append(metrics)
+            save = step % train.checkpoint_every == 0 or step == train.steps or stop.requested
+            evaluate = step % train.eval_every == 0 or step == train.steps
+            if not (save or evaluate or step % train.log_every == 0):
+                continue
+            # One host sync per interval: the steps in between run ahead asynchronously.
+            fetched = jax.device_get(pending)
+            seconds = time.perf_counter() - interval_start
+            for offset, m in enumerate(fetched):
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    bad = step - len(fetched) + offset + 1
+                    raise NonFiniteLossError(
+                        f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {bad}; "
+                        f"no checkpoint was written after step {bad - 1}. Lower "
+                        "train.learning_rate or raise warmup, then resume from the last one")
+            tokens = sum(float(m["tokens"]) for m in fetched)
+            record = {"loss": float(np.mean([m["loss"] for m in fetched])),
+                      "grad_norm": float(fetched[-1]["grad_norm"]),
+                      "learning_rate": float(schedule(step - 1)),
+                      "tokens_per_s": tokens / seconds}
+            record["ppl"] = math.exp(record["loss"])
+            if peak:
+                record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
+            writer.write(step, "train", record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(len(fetched))
+            if evaluate:
+                last_eval = validation_metrics(eval_step, state.params, corpus, train,
+                                               train.eval_batches)
+                writer.write(step, "eval", last_eval)
+                bar.write(f"step {step}: train loss {record['loss']:.3f}, validation loss "
+                          f"{last_eval['mean_nll']:.3f} ppl {last_eval['perplexity']:.2f} "
+                          f"bits/byte {last_eval['bits_per_byte']:.3f}")
+            if save:
+                checkpointer.save(step, state, {"data": data.get_state(),
+                                                "config": config.to_dict()})
+            pending, interval_start = [], time.perf_counter()
+    finally:
+        bar.close()
+        stop.restore()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return last_eval

@@ -1,0 +1,27 @@
+"""Train a CLA language model; resumes from the workdir's latest checkpoint.
+
+    python train.py --config=configs/default.py --workdir=workdir/demo
+    python train.py --config=configs/paper/1b_h128_mqa_cla2.py --config.data.source=tfds:lm1b \
+        --workdir=runs/cla2
+"""
+from absl import flags, logging
+from ml_collections import config_flags
+
+from cla_jax import cli
+from cla_jax.train.loop import train_and_evaluate
+
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file (overrides: "
+                                "--config.train.steps=100).", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)
+    metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.cache_dir)
+    if metrics:
+        print(f"final validation: ppl {metrics['perplexity']:.2f}, "
+              f"bits/byte {metrics['bits_per_byte']:.3f} on {metrics['tokens']:,} tokens")
+
+
+if __name__ == "__main__":
+    cli.start(main)
