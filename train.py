@@ -12,12 +12,15 @@ from cla_jax.train.loop import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (overrides: "
                                 "--config.train.steps=100).", lock_config=True)
+flags.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step (the schedule "
+                     "still follows train.steps; run again to continue).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
-    metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.cache_dir)
+    metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.cache_dir,
+                                 flags.FLAGS.stop_at_step)
     if metrics:
         print(f"final validation: ppl {metrics['perplexity']:.2f}, "
               f"bits/byte {metrics['bits_per_byte']:.3f} on {metrics['tokens']:,} tokens")

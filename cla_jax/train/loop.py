@@ -71,9 +71,14 @@ def validation_metrics(eval_step, params, corpus: Corpus, train, max_batches: in
     return evaluation.evaluate(eval_step, params, batches, progress=False)
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pathlib.Path):
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final
-    validation metrics (on `train.eval_batches` batches)."""
+def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pathlib.Path,
+                       stop_at_step: int | None = None):
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
+    validation metrics (on `train.eval_batches` batches).
+
+    stop_at_step: checkpoint and return there, as a preemption would; the schedule still
+    follows train.steps, so a later call continues the same run.
+    """
     workdir = pathlib.Path(workdir).absolute()
     model = ModelConfig.from_dict(config.model)
     train = config.train
@@ -108,15 +113,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
 
     step = int(state.step)
     stop = _StopOnSigterm()
+    last_step = min(train.steps, stop_at_step or train.steps)
     pending, interval_start, last_eval = [], time.perf_counter(), None
     bar = tqdm(total=train.steps, initial=step, desc="train", unit="step",
                disable=jax.process_index() != 0)
     try:
-        while step < train.steps and not stop.requested:
+        while step < last_step and not stop.requested:
             state, metrics = train_step(state, next(data))
             step += 1
             pending.append(metrics)
-            save = step % train.checkpoint_every == 0 or step == train.steps or stop.requested
+            save = step % train.checkpoint_every == 0 or step == last_step or stop.requested
             evaluate = step % train.eval_every == 0 or step == train.steps
             if not (save or evaluate or step % train.log_every == 0):
                 continue

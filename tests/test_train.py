@@ -1,0 +1,166 @@
+"""Training end to end on a corpus the test writes: resume, checkpoints, eval, bad input."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from cla_jax import checkpoint
+from cla_jax.config import ModelConfig
+from cla_jax.data import eval_batches
+from cla_jax.data.corpus import prepare_corpus
+from cla_jax.evaluation import evaluate
+from cla_jax.model import Transformer, abstract_params, init_params
+from cla_jax.train.loop import NonFiniteLossError, train_and_evaluate
+from cla_jax.train.step import make_eval_step
+from configs import default
+
+ROOT = pathlib.Path(__file__).parents[1]
+WORDS = "the king and queen of a land far away spoke to every lord and lady there".split()
+
+
+@pytest.fixture(scope="module")
+def corpus_glob(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    for i in range(8):
+        lines = [" ".join(rng.choice(WORDS, 9)) + "." for _ in range(40)]
+        (root / f"doc{i}.txt").write_text(f"SPEAKER {i}:\n" + "\n".join(lines))
+    return f"files:{root}/*.txt"
+
+
+def tiny_config(corpus_glob, **train):
+    config = default.get_config()
+    config.model.update(vocab_size=260, d_model=32, num_layers=3, num_heads=4, num_kv_heads=1,
+                        head_dim=8, mlp_dim=48, kv_sharing=2, max_seq_len=32)
+    config.data.update(source=corpus_glob, name="tiny", tokenizer="byte",
+                       validation_fraction=0.25)
+    config.train.update({**dict(steps=6, batch_size=4, seq_len=16, log_every=1, eval_every=3,
+                                eval_batches=2, checkpoint_every=3, keep_checkpoints=5,
+                                learning_rate=1e-2), **train})
+    return config
+
+
+def losses(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def final_params(workdir, config, step):
+    model = ModelConfig.from_dict(config.model)
+    return checkpoint.restore_params(pathlib.Path(workdir) / "checkpoints", step,
+                                     nn.meta.unbox(abstract_params(model)))
+
+
+def test_resume_equals_uninterrupted_training_bitwise(tmp_path, corpus_glob):
+    cache = tmp_path / "cache"
+    config = tiny_config(corpus_glob, grad_accum_steps=2)
+    train_and_evaluate(config, tmp_path / "straight", cache)
+    train_and_evaluate(config, tmp_path / "resumed", cache, stop_at_step=3)
+    assert checkpoint.good_steps(tmp_path / "resumed" / "checkpoints") == [3]
+    train_and_evaluate(config, tmp_path / "resumed", cache)
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert straight == resumed  # exact floats: same data order, same state
+    assert straight[6] < straight[1]
+    a, b = final_params(tmp_path / "straight", config, 6), final_params(tmp_path / "resumed",
+                                                                      config, 6)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_interrupted_and_foreign_step_directories_are_skipped(tmp_path, corpus_glob, caplog):
+    config = tiny_config(corpus_glob, steps=3)
+    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "9.orbax-checkpoint-tmp-1234").mkdir()   # a save killed before its rename
+    (ckpts / "12").mkdir()                             # empty dir named like a step
+    (ckpts / "15" / "params").mkdir(parents=True)      # foreign: not a whole checkpoint
+    (ckpts / "15" / "params" / "junk").write_text("x")
+    assert checkpoint.good_steps(ckpts) == [3]
+    assert "skipping checkpoint step 12" in caplog.text and "interrupted" in caplog.text
+    step, meta = checkpoint.read_meta(ckpts)
+    assert step == 3 and meta["step"] == 3
+    # Training on resumes from step 3 and leaves the foreign directories alone.
+    train_and_evaluate(tiny_config(corpus_glob, steps=4), tmp_path / "run", tmp_path / "cache")
+    assert 4 in checkpoint.good_steps(ckpts)
+    assert (ckpts / "12").is_dir() and (ckpts / "15" / "params" / "junk").exists()
+
+
+def test_eval_nll_matches_an_independent_numpy_loop(tmp_path, corpus_glob):
+    config = tiny_config(corpus_glob)
+    corpus = prepare_corpus(config.data, tmp_path / "cache")
+    model = ModelConfig.from_dict(config.model)
+    params = nn.meta.unbox(init_params(model, jax.random.key(7)))
+    stream = np.asarray(corpus.validation)
+    seq_len, batch = 16, 3  # batch 3 leaves a partly padded last batch
+    results = evaluate(make_eval_step(model, corpus.tokenizer.token_bytes()), params,
+                       eval_batches(stream, seq_len, batch), progress=False)
+
+    total_nll, count = 0.0, 0
+    apply = jax.jit(lambda x, p, s: Transformer(model).apply({"params": params}, x, p, s)[0])
+    for start in range(0, len(stream) - 1, seq_len):
+        window = stream[start:start + seq_len + 1]
+        inputs, targets = window[:-1], window[1:]
+        segments = np.cumsum(inputs == corpus.tokenizer.bos_id) + 1
+        positions = np.array([i - max([j for j in range(i + 1) if j == 0 or inputs[j] ==
+                                       corpus.tokenizer.bos_id]) for i in range(len(inputs))])
+        logits = np.asarray(apply(inputs[None], positions[None], segments[None])[0], np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        total_nll += float(np.sum(logz - logits[np.arange(len(targets)), targets]))
+        count += len(targets)
+    assert count == len(stream) - 1 == results["tokens"]
+    np.testing.assert_allclose(results["mean_nll"], total_nll / count, rtol=1e-5)
+    # Byte tokenizer: every non-special target is one byte of text; separators count none.
+    text_bytes = int(np.sum(stream[1:] >= 3))
+    np.testing.assert_allclose(results["bits_per_byte"], total_nll / np.log(2) / text_bytes,
+                               rtol=1e-5)
+
+
+def test_non_finite_loss_stops_before_a_poisoned_checkpoint(tmp_path, corpus_glob):
+    config = tiny_config(corpus_glob, checkpoint_every=1, log_every=1)
+    config.train.learning_rate = 1e30
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+); no checkpoint") as err:
+        train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    steps = checkpoint.good_steps(tmp_path / "run" / "checkpoints")
+    assert steps and max(steps) == bad_step - 1
+
+
+def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, corpus_glob):
+    config = tiny_config(corpus_glob, steps=3)
+    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    other = tiny_config(corpus_glob, steps=6)
+    other.model.num_layers = 4
+    with pytest.raises(checkpoint.CheckpointError, match="num_layers: saved 3 vs now 4"):
+        train_and_evaluate(other, tmp_path / "run", tmp_path / "cache")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_missing_corpus_is_one_clear_error(tmp_path, corpus_glob):
+    config = tiny_config(f"files:{tmp_path}/nothing/*.txt")
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--config.train.stepz=3"], "Did you mean \"steps\""),
+    (["--config.model.num_heads=3", "--config.model.num_kv_heads=2"], "multiple of"),
+])
+def test_train_script_bad_flags_print_one_error_line(tmp_path, args, fragment):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/default.py",
+         f"--workdir={tmp_path / 'w'}", f"--cache_dir={tmp_path}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0]
+    assert not (tmp_path / "w").exists()
