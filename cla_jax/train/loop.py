@@ -112,6 +112,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
         f"/ {len(corpus.validation):,} validation tokens")
 
     step = int(state.step)
+    if step >= train.steps:
+        say(f"nothing to train: {ckpt_dir} is at step {step} of train.steps={train.steps}; "
+            "raise --config.train.steps to continue, or use another --workdir")
     stop = _StopOnSigterm()
     last_step = min(train.steps, stop_at_step or train.steps)
     pending, interval_start, last_eval = [], time.perf_counter(), None
