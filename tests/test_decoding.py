@@ -105,3 +105,20 @@ def test_bad_prompts_are_refused_with_a_clear_message():
         generate(config, params, [[1, 61]], 4)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         generate(config, params, [[1] * 10], 7)
+
+
+@pytest.mark.parametrize("pattern,ratio", [("cla1", 1.0), ("cla2", 2.0), ("cla3_uneven", 2.5),
+                                           ("nonuniform", 6 / 4)])
+def test_capacity_counts_cached_tokens_from_the_cache_shapes(pattern, ratio):
+    from cla_jax.capacity import capacity
+    config = make_config(pattern, "gqa")
+    budget, context = 10_000_000, 32
+    report = capacity(config, budget, context, "bfloat16")
+    # By hand: K and V x 2 KV heads x 12 dims x 2 bytes per producing layer.
+    per_token = 2 * 2 * 12 * 2 * len(config.groups)
+    twin_per_token = 2 * 2 * 12 * 2 * config.num_layers
+    assert report["cla"]["bytes_per_token"] == per_token
+    assert report["no_cla"]["bytes_per_token"] == twin_per_token
+    assert report["cla"]["max_cached_tokens"] == budget // per_token
+    assert report["cla"]["max_batch_at_context"] == budget // (per_token * context)
+    assert report["capacity_ratio"] == pytest.approx(ratio, rel=1e-3)

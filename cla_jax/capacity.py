@@ -1,0 +1,68 @@
+"""How many cached tokens fit a memory budget, with CLA and without (the group-size-1 twin).
+
+Measured from the cache arrays' shapes and dtypes (`jax.eval_shape` of `init_cache`, nothing
+allocated), not from a formula, so it stays true to what decoding really allocates.
+
+    python -m cla_jax.capacity --config=configs/paper/1b_h128_mqa_cla2.py --budget_gib=40
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cla_jax.cache import init_cache, kv_bytes
+from cla_jax.config import ModelConfig
+
+
+def without_cla(config: ModelConfig) -> ModelConfig:
+    """The same model with every layer producing its own K/V (group size 1)."""
+    return config.replace(kv_sharing=1, group_sizes=None)
+
+
+def cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype="bfloat16") -> int:
+    shapes = jax.eval_shape(lambda: init_cache(config, batch_size, context, jnp.dtype(dtype)))
+    return kv_bytes(shapes)
+
+
+def capacity(config: ModelConfig, budget_bytes: int, context: int | None = None,
+             dtype="bfloat16") -> dict:
+    """Cached tokens and sequences of `context` tokens that fit `budget_bytes`, for the
+    config and for its no-CLA twin."""
+    context = context or config.max_seq_len
+    report = {"budget_bytes": int(budget_bytes), "context": context, "dtype": str(dtype)}
+    for name, cfg in (("cla", config), ("no_cla", without_cla(config))):
+        per_sequence = cache_bytes(cfg, 1, context, dtype)
+        per_token = per_sequence // context
+        report[name] = {"bytes_per_token": per_token,
+                        "max_cached_tokens": budget_bytes // per_token,
+                        "max_batch_at_context": budget_bytes // per_sequence}
+    report["capacity_ratio"] = (report["cla"]["max_cached_tokens"]
+                                / report["no_cla"]["max_cached_tokens"])
+    return report
+
+
+def main(argv):
+    from absl import flags
+    config = ModelConfig.from_dict(flags.FLAGS.config.model)
+    budget = int(flags.FLAGS.budget_gib * 2**30)
+    r = capacity(config, budget, flags.FLAGS.context, flags.FLAGS.dtype)
+    print(f"KV-cache budget {flags.FLAGS.budget_gib} GiB at {r['dtype']}, context {r['context']}:")
+    for name, label in (("cla", f"this config (groups {list(config.groups)})"),
+                        ("no_cla", "its no-CLA twin")):
+        c = r[name]
+        print(f"  {label}: {c['bytes_per_token']} bytes/token, {c['max_cached_tokens']:,} "
+              f"cached tokens = batch {c['max_batch_at_context']:,} x {r['context']}")
+    print(f"  capacity ratio: {r['capacity_ratio']:.3f}x")
+
+
+if __name__ == "__main__":
+    from absl import flags
+    from ml_collections import config_flags
+
+    from cla_jax import cli
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+    flags.DEFINE_float("budget_gib", 16.0, "Memory for the KV cache, GiB.")
+    flags.DEFINE_integer("context", None, "Tokens per sequence (default: model.max_seq_len).")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Cache dtype.")
+    flags.mark_flags_as_required(["config"])
+    cli.start(main)
