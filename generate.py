@@ -2,6 +2,7 @@
 
     python generate.py --workdir=workdir/demo --prompt="ROMEO:" --max_new_tokens=100
     python generate.py --workdir=workdir/demo --prompt_file=prompts.txt --temperature=0
+    python generate.py --random_init --config=configs/default.py --prompt="x"   # smoke test
 """
 import pathlib
 import time
@@ -11,13 +12,14 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 from flax import linen as nn
+from ml_collections import config_flags
 
 from cla_jax import checkpoint, cli
 from cla_jax.cache import kv_bytes
 from cla_jax.config import ModelConfig, kv_bytes_per_token
 from cla_jax.data.corpus import prepare_corpus
 from cla_jax.decoding import Sampling, generate
-from cla_jax.model import abstract_params
+from cla_jax.model import abstract_params, init_params
 
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
 flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
@@ -27,7 +29,11 @@ flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (1.0 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "float16"],
+                  "KV-cache dtype (default: float32 on CPU, bfloat16 on accelerators).")
+flags.DEFINE_bool("random_init", False, "Use freshly initialised params from --config instead "
+                  "of a checkpoint (smoke tests).")
+config_flags.DEFINE_config_file("config", None, "With --random_init: the config to build.")
 FLAGS = flags.FLAGS
 
 
@@ -39,35 +45,50 @@ def main(argv):
                   pathlib.Path(FLAGS.prompt_file).read_text(encoding="utf-8").splitlines()]
     if not texts or any(not t for t in texts):
         raise ValueError("give at least one non-empty --prompt or a --prompt_file")
-    ckpt_dir = pathlib.Path(FLAGS.workdir).expanduser() / "checkpoints"
-    step, meta = checkpoint.read_meta(ckpt_dir, FLAGS.step)
-    config = ml_collections.ConfigDict(meta["config"])
-    model = ModelConfig.from_dict(config.model)
+    if FLAGS.random_init:
+        if FLAGS.config is None:
+            raise ValueError("--random_init needs --config=configs/<file>.py")
+        config, step = FLAGS.config, "random init"
+        model = ModelConfig.from_dict(config.model)
+        params = nn.meta.unbox(init_params(model, jax.random.key(FLAGS.seed)))
+    else:
+        if FLAGS.workdir is None:
+            raise ValueError("give --workdir (a training run) or --random_init --config=...")
+        ckpt_dir = pathlib.Path(FLAGS.workdir).expanduser() / "checkpoints"
+        step, meta = checkpoint.read_meta(ckpt_dir, FLAGS.step)
+        config = ml_collections.ConfigDict(meta["config"])
+        model = ModelConfig.from_dict(config.model)
+        params = checkpoint.restore_params(ckpt_dir, step, nn.meta.unbox(abstract_params(model)))
     tokenizer = prepare_corpus(config.data, FLAGS.cache_dir).tokenizer
-    params = checkpoint.restore_params(ckpt_dir, step, nn.meta.unbox(abstract_params(model)))
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.vocab_size}: the checkpoint was made with another tokenizer")
     prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
     sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     rng = jax.random.key(FLAGS.seed)
 
-    start = time.perf_counter()  # The first call compiles; time the second.
-    jax.block_until_ready(generate(model, params, prompts, FLAGS.max_new_tokens, sampling, rng,
-                                   tokenizer.bos_id))
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    tokens, cache = jax.block_until_ready(generate(
-        model, params, prompts, FLAGS.max_new_tokens, sampling, rng, tokenizer.bos_id))
-    seconds = time.perf_counter() - start
+    def run(new_tokens):
+        start = time.perf_counter()
+        out = jax.block_until_ready(generate(model, params, prompts, new_tokens, sampling, rng,
+                                             tokenizer.bos_id, FLAGS.cache_dtype))
+        return out, time.perf_counter() - start
+
+    _, compile_s = run(FLAGS.max_new_tokens)  # the first call compiles; time the second
+    (tokens, cache), seconds = run(FLAGS.max_new_tokens)
+    run(1)
+    _, prefill_s = run(1)
     tokens = np.asarray(tokens)
     for text, row in zip(texts, tokens):
         end = np.flatnonzero(row == tokenizer.bos_id)
         row = row[:end[0]] if len(end) else row
         print(f"--- {text!r} (step {step})\n{text}{tokenizer.decode(row.tolist())}\n")
     generated = int((tokens != 0).sum())
-    print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.0f} tokens/s, first "
-          f"call with compilation {compile_s:.1f} s); KV cache {kv_bytes(cache):,} bytes for "
-          f"{len(prompts)} x {cache.max_length} positions = {kv_bytes_per_token(model, 4)} "
-          f"bytes/token at float32 ({model.num_kv_layers} of {model.num_layers} layers cache "
-          "K/V)")
+    element = cache.stages[0].key.dtype.itemsize
+    print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.0f} tokens/s; prefill "
+          f"{prefill_s * 1e3:.0f} ms; first call with compilation {compile_s:.1f} s); KV cache "
+          f"{kv_bytes(cache):,} bytes for {len(prompts)} x {cache.max_length} positions = "
+          f"{kv_bytes_per_token(model, element)} bytes/token at {cache.stages[0].key.dtype} "
+          f"({model.num_kv_layers} of {model.num_layers} layers cache K/V)")
 
 
 if __name__ == "__main__":

@@ -164,3 +164,25 @@ def test_train_script_bad_flags_print_one_error_line(tmp_path, args, fragment):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and fragment in errors[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_generate_script_samples_from_a_checkpoint_and_reports_the_cache(tmp_path, corpus_glob):
+    config = tiny_config(corpus_glob, steps=2)
+    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+
+    def generate_py(*args):
+        return subprocess.run(
+            [sys.executable, "generate.py", f"--workdir={tmp_path / 'run'}",
+             f"--cache_dir={tmp_path / 'cache'}", *args], cwd=ROOT, capture_output=True,
+            text=True, timeout=180, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    ok = generate_py("--prompt=SPEAKER 1:", "--prompt=the", "--max_new_tokens=5",
+                     "--temperature=0")
+    assert ok.returncode == 0, ok.stderr[-500:]
+    assert "SPEAKER 1:" in ok.stdout and "'the'" in ok.stdout
+    # 3 layers in groups (2, 1): 2 K/V layers x (K, V) x 1 head x 8 dims x 4 bytes (float32).
+    assert "= 128 bytes/token at float32 (2 of 3 layers cache K/V)" in ok.stdout
+    too_long = generate_py("--prompt=the", "--max_new_tokens=40")
+    assert too_long.returncode == 2
+    assert [ln for ln in too_long.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: prompt (4 tokens) + max_new_tokens (40) exceeds the model's max_seq_len (32)"]
