@@ -186,3 +186,25 @@ def test_generate_script_samples_from_a_checkpoint_and_reports_the_cache(tmp_pat
     assert too_long.returncode == 2
     assert [ln for ln in too_long.stderr.splitlines() if ln.startswith("error:")] == [
         "error: prompt (4 tokens) + max_new_tokens (40) exceeds the model's max_seq_len (32)"]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, corpus_glob):
+    import signal
+    import threading
+    import time
+
+    config = tiny_config(corpus_glob, steps=100_000, checkpoint_every=100_000, eval_every=100_000)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def preempt():  # as a scheduler would, once training is under way
+        while not metrics.exists() or not metrics.read_text():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    steps = checkpoint.good_steps(tmp_path / "run" / "checkpoints")
+    assert len(steps) == 1 and 1 <= steps[0] < 100_000
+    step, meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints")
+    assert meta["data"] and meta["step"] == step
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back

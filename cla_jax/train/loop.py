@@ -121,11 +121,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
     bar = tqdm(total=train.steps, initial=step, desc="train", unit="step",
                disable=jax.process_index() != 0)
     try:
-        while step < last_step and not stop.requested:
+        while step < last_step:
             state, metrics = train_step(state, next(data))
             step += 1
             pending.append(metrics)
-            save = step % train.checkpoint_every == 0 or step == last_step or stop.requested
+            stopping = stop.requested  # read once: a signal landing later waits for next step
+            save = step % train.checkpoint_every == 0 or step == last_step or stopping
             evaluate = step % train.eval_every == 0 or step == train.steps
             if not (save or evaluate or step % train.log_every == 0):
                 continue
@@ -161,6 +162,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
                 checkpointer.save(step, state, {"data": data.get_state(),
                                                 "config": config.to_dict()})
             pending, interval_start = [], time.perf_counter()
+            if stopping:
+                break
     finally:
         bar.close()
         stop.restore()
