@@ -1,5 +1,4 @@
 """Decoding through the grouped cache against recomputing the whole forward pass."""
-import functools
 
 import jax
 import jax.numpy as jnp

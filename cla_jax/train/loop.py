@@ -1,7 +1,6 @@
 """The training loop: data -> jitted steps -> metrics, periodic eval, checkpoints, resume."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import signal
