@@ -14,7 +14,7 @@ from absl import flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from cla_jax import checkpoint, cli
+from cla_jax import checkpoint, cli, sharding
 from cla_jax.cache import kv_bytes
 from cla_jax.config import ModelConfig, kv_bytes_per_token
 from cla_jax.data.corpus import prepare_corpus
@@ -34,6 +34,7 @@ flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "float16"],
 flags.DEFINE_bool("random_init", False, "Use freshly initialised params from --config instead "
                   "of a checkpoint (smoke tests).")
 config_flags.DEFINE_config_file("config", None, "With --random_init: the config to build.")
+cli.define_mesh_flag()
 FLAGS = flags.FLAGS
 
 
@@ -49,16 +50,17 @@ def main(argv):
         if FLAGS.config is None:
             raise ValueError("--random_init needs --config=configs/<file>.py")
         config, step = FLAGS.config, "random init"
-        model = ModelConfig.from_dict(config.model)
-        params = nn.meta.unbox(init_params(model, jax.random.key(FLAGS.seed)))
+        model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(FLAGS.config)
+        params = jax.jit(lambda: nn.meta.unbox(init_params(model, jax.random.key(FLAGS.seed))),
+                         out_shardings=sharding.param_shardings(abstract_params(model), mesh))()
     else:
         if FLAGS.workdir is None:
             raise ValueError("give --workdir (a training run) or --random_init --config=...")
         ckpt_dir = pathlib.Path(FLAGS.workdir).expanduser() / "checkpoints"
         step, meta = checkpoint.read_meta(ckpt_dir, FLAGS.step)
         config = ml_collections.ConfigDict(meta["config"])
-        model = ModelConfig.from_dict(config.model)
-        params = checkpoint.restore_params(ckpt_dir, step, nn.meta.unbox(abstract_params(model)))
+        model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(config)
+        params = checkpoint.restore_params_onto(ckpt_dir, step, model, mesh)
     tokenizer = prepare_corpus(config.data, FLAGS.cache_dir).tokenizer
     if tokenizer.vocab_size > model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -70,13 +72,15 @@ def main(argv):
     def run(new_tokens):
         start = time.perf_counter()
         out = jax.block_until_ready(generate(model, params, prompts, new_tokens, sampling, rng,
-                                             tokenizer.bos_id, FLAGS.cache_dtype))
+                                             tokenizer.bos_id, FLAGS.cache_dtype, mesh))
         return out, time.perf_counter() - start
 
     _, compile_s = run(FLAGS.max_new_tokens)  # the first call compiles; time the second
     (tokens, cache), seconds = run(FLAGS.max_new_tokens)
     run(1)
     _, prefill_s = run(1)
+    if jax.process_index() != 0:
+        return  # every process computed all the tokens; one prints them
     tokens = np.asarray(tokens)
     for text, row in zip(texts, tokens):
         end = np.flatnonzero(row == tokenizer.bos_id)

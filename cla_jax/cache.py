@@ -14,6 +14,10 @@ import numpy as np
 from cla_jax.config import ModelConfig
 
 
+# Logical axes of a stage's K and V, which `cla_jax.sharding` maps onto the mesh.
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
 @flax.struct.dataclass
 class StageCache:
     key: jax.Array    # [groups_in_stage, batch, max_length, kv_heads, head_dim]

@@ -11,8 +11,13 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import linen as nn
 from absl import logging
+
+from cla_jax import sharding
+from cla_jax.model import abstract_params
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -78,13 +83,15 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def restore(self, step: int, abstract_state):
-        """(state, meta) of `step`, arrays placed like `abstract_state`'s leaves."""
+        """(state, meta) of `step`, each array placed by the sharding of its leaf in
+        `abstract_state` (ShapeDtypeStructs): any mesh, not only the one that saved it."""
         restored = self._manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
             meta=ocp.args.JsonRestore()))
-        state = abstract_state.replace(step=jax.numpy.asarray(restored.meta["step"], "int32"),
-                                       params=restored.params, opt_state=restored.opt_state)
+        step_array = jax.device_put(np.int32(restored.meta["step"]), abstract_state.step.sharding)
+        state = abstract_state.replace(step=step_array, params=restored.params,
+                                       opt_state=restored.opt_state)
         return state, restored.meta
 
     def close(self) -> None:
@@ -115,6 +122,13 @@ def restore_params(directory: str | pathlib.Path, step: int, abstract_params):
         params=ocp.args.StandardRestore(abstract_params))).params
     manager.close()
     return params
+
+
+def restore_params_onto(directory: str | pathlib.Path, step: int, config, mesh):
+    """The params of `step` for model `config`, sharded onto `mesh` by the rule table."""
+    boxed = abstract_params(config)
+    target = sharding.with_shardings(nn.meta.unbox(boxed), sharding.param_shardings(boxed, mesh))
+    return restore_params(directory, step, target)
 
 
 def check_same_model(saved: dict, current: dict, where: pathlib.Path) -> None:

@@ -14,6 +14,14 @@ USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, RuntimeError, 
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval results.")
 flags.DEFINE_string("cache_dir", "~/.cache/cla-jax",
                     "Where downloaded wheels, built datasets and tokenizers are kept.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() (one process per host): it finds the "
+                  "coordinator on TPU pods, SLURM, Open MPI and Kubernetes by itself; elsewhere "
+                  "give --coordinator_address, --num_processes and --process_id.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies "
+                    "--distributed; also read from JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 
 def _fail(error: BaseException):
@@ -36,11 +44,38 @@ def _parse_flags(argv):
     return rest
 
 
+def define_mesh_flag() -> None:
+    flags.DEFINE_string("mesh", None, "Device mesh as axis=size, e.g. fsdp=-1 or "
+                        "data=2,tensor=4 (-1 = remaining devices, unnamed axes are 1; default: "
+                        "the run's config.mesh). Any mesh can read any checkpoint.")
+
+
+def mesh_for(config):
+    """The --mesh flag's mesh, else the run config's, over all devices."""
+    from cla_jax import sharding  # noqa: PLC0415 (jax loads only after flags are parsed)
+    text = flags.FLAGS.mesh
+    return sharding.make_mesh(sharding.parse_mesh(text) if text else config.get("mesh"))
+
+
+def initialize_distributed() -> None:
+    """jax.distributed.initialize when the flags or JAX_COORDINATOR_ADDRESS ask for it; then
+    every process runs the same program over the global mesh."""
+    f = flags.FLAGS
+    if not (f.distributed or f.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    import jax
+    jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id)
+    logging.info("process %d of %d, %d local devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count())
+
+
 def start(main):
     """Runs an absl main; bad flags and user errors exit 2 with one `error: ...` line
     (CLA_JAX_TRACEBACK=1 shows the traceback)."""
     def guarded(argv):
         try:
+            initialize_distributed()
             return main(argv)
         except USER_ERRORS as error:
             _fail(error)

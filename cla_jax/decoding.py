@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cla_jax.cache import init_cache
+from jax.sharding import Mesh
+
+from cla_jax import sharding
+from cla_jax.cache import CACHE_AXES, init_cache
 from cla_jax.config import ModelConfig
 from cla_jax.model import Transformer
 
@@ -48,14 +51,25 @@ def sample(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _generate(config: ModelConfig, max_new_tokens: int, sampling: Sampling, eos_id: int,
-              cache_dtype: str, params, prompts_BP, lengths_B, rng):
+              cache_dtype: str, mesh: Mesh, params, prompts_BP, lengths_B, key_data):
+    with sharding.activate(mesh):
+        tokens, cache = _decode(config, max_new_tokens, sampling, eos_id, cache_dtype, params,
+                                sharding.constrain(prompts_BP, ("batch", "length")), lengths_B,
+                                jax.random.wrap_key_data(key_data))
+        return sharding.constrain(tokens, (None, None)), cache  # every process reads them
+
+
+def _decode(config, max_new_tokens, sampling, eos_id, cache_dtype, params, prompts_BP,
+            lengths_B, rng):
     model = Transformer(config)
     batch, prompt_len = prompts_BP.shape
     positions = jnp.broadcast_to(jnp.arange(prompt_len), prompts_BP.shape)
     segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)  # 0 = padding
     cache = init_cache(config, batch, prompt_len + max_new_tokens, jnp.dtype(cache_dtype))
+    cache = jax.tree_util.tree_map(  # K/V [groups, B, S, K, H] and lengths [B]
+        lambda a: sharding.constrain(a, CACHE_AXES if a.ndim == 5 else ("batch",)), cache)
     logits, cache = model.apply({"params": params}, prompts_BP, positions, segment_ids, cache)
     last_logits = logits[jnp.arange(batch), lengths_B - 1]
     rng, first_rng = jax.random.split(rng)
@@ -82,8 +96,13 @@ def _generate(config: ModelConfig, max_new_tokens: int, sampling: Sampling, eos_
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None, eos_id: int = -1,
-             cache_dtype: str | None = None):
-    """New tokens [batch, max_new_tokens] (0 after a sequence's EOS) and the final cache."""
+             cache_dtype: str | None = None, mesh: Mesh | None = None):
+    """New tokens [batch, max_new_tokens] (0 after a sequence's EOS) and the final cache.
+
+    mesh: where `params` live (default: one device). Sequences split over (data, fsdp) when
+    their number divides, heads and the cache's KV heads over tensor; every process passes the
+    same prompts and gets all the tokens back.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (an empty prompt has nothing "
                          "to condition on; start it with the BOS token)")
@@ -103,5 +122,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     lengths = np.array([len(p) for p in prompts], np.int32)
     cache_dtype = cache_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(config, max_new_tokens, sampling, eos_id, cache_dtype, params, padded,
-                     lengths, rng)
+    mesh = mesh or sharding.single_device_mesh()
+    inputs = jax.device_put((padded, lengths, np.asarray(jax.random.key_data(rng))),
+                            sharding.replicated(mesh))
+    return _generate(config, max_new_tokens, sampling, eos_id, cache_dtype, mesh, params,
+                     *inputs)

@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0,
         log_every=25, eval_every=250, eval_batches=16, checkpoint_every=250, keep_checkpoints=2,
     ))
+    # Device mesh (cla_jax/sharding.py): -1 = all remaining devices. FSDP shards params and
+    # optimizer state as well as the batch; tensor splits heads and MLP; dcn_* span TPU slices
+    # (or processes). On one device every axis is 1.
+    config.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     config.data = ml_collections.ConfigDict(dict(
         source="shakespeare",  # or "files:<glob>" or "tfds:<name>"; see cla_jax/data/corpus.py
         name="shakespeare", data_dir="", tokenizer="bpe:4096", validation_fraction=0.1,

@@ -40,7 +40,8 @@ def tiny_config(corpus_glob, **train):
                         head_dim=8, mlp_dim=48, kv_sharing=2, max_seq_len=32)
     config.data.update(source=corpus_glob, name="tiny", tokenizer="byte",
                        validation_fraction=0.25)
-    config.train.update({**dict(steps=6, batch_size=4, seq_len=16, log_every=1, eval_every=3,
+    config.mesh.update(data=2, fsdp=2, tensor=2)  # all 8 test devices: every run is sharded
+    config.train.update({**dict(steps=6, batch_size=8, seq_len=16, log_every=1, eval_every=3,
                                 eval_batches=2, checkpoint_every=3, keep_checkpoints=5,
                                 learning_rate=1e-2), **train})
     return config

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from cla_jax.config import ModelConfig
+from cla_jax.sharding import constrain
 
 
 def dtype_of(name: str):
@@ -64,5 +65,5 @@ class SwiGLU(nn.Module):
         cfg = self.config
         gate = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "gate")(x_BTD)
         up = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "up")(x_BTD)
-        h_BTF = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h_BTF = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
         return projection(cfg, cfg.d_model, -1, ("mlp", "embed"), "down")(h_BTF)

@@ -7,6 +7,8 @@ One forward serves training (no cache), prefill and decode (a grouped cache in a
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from cla_jax.cache import KVCache, StageCache
 from cla_jax.config import ModelConfig
 from cla_jax.model.attention import attend
 from cla_jax.model.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, projection
+from cla_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole group in the backward pass
@@ -49,22 +52,22 @@ class DecoderLayer(nn.Module):
             k_BTKH = projection(cfg, kv_features, -1, kv_axes, "key")(kv_in)
             v_BTKH = projection(cfg, kv_features, -1, kv_axes, "value")(kv_in)
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
+            axes = ("batch", "length", "kv_heads", "head_dim")
             if cache_kv is not None:
-                cache_kv = tuple(write_cache(c, new, positions_BT)
+                cache_kv = tuple(constrain(write_cache(c, new, positions_BT), axes)
                                  for c, new in zip(cache_kv, (k_BTKH, v_BTKH)))
                 k_BTKH, v_BTKH = (c.astype(k_BTKH.dtype) for c in cache_kv)
-            axes = ("batch", "length", "kv_heads", "head_dim")
-            kv = tuple(nn.with_logical_constraint(a, axes) for a in (k_BTKH, v_BTKH))
+            kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
 
         q_BTNH = projection(cfg, (cfg.num_heads, cfg.head_dim), -1,
                             ("embed", "heads", "head_dim"), "query")(h_BTD)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base)
-        q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
+        q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
         out_BTNH = attend(q_BTNH, *kv, mask_BTS, kind=cfg.attention, causal_only=self.causal_only)
         x_BTD = x_BTD + projection(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"),
                                    "out")(out_BTNH)
         x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTD))
-        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), kv, cache_kv
+        return constrain(x_BTD, ("batch", "length", "embed")), kv, cache_kv
 
 
 class CLAGroup(nn.Module):
@@ -125,7 +128,7 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
                          param_dtype=dtype_of(cfg.param_dtype),
                          embedding_init=normal_init(cfg, ("vocab", "embed")), name="embed")
-        x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "embed"))
+        x_BTD = constrain(embed(tokens_BT), ("batch", "length", "embed"))
         mask_BTS = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache)
         causal_only = cache is None and segment_ids_BT is None
 
@@ -143,7 +146,7 @@ class Transformer(nn.Module):
             logits_BTV = embed.attend(x_BTD)
         else:
             logits_BTV = projection(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "unembed")(x_BTD)
-        logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
+        logits_BTV = constrain(logits_BTV.astype(jnp.float32),
                                                 ("batch", "length", "vocab"))
         if cache is None:
             return logits_BTV, None
@@ -162,6 +165,7 @@ def init_params(config: ModelConfig, rng: jax.Array):
     return jax.jit(lambda r: Transformer(config).init(r, tokens, tokens)["params"])(rng)
 
 
+@functools.lru_cache(maxsize=32)
 def abstract_params(config: ModelConfig):
     """Shapes and dtypes of the parameters, without allocating them (works at 1B+)."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -9,15 +9,16 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cla_jax import checkpoint, evaluation
+from cla_jax import checkpoint, evaluation, sharding
 from cla_jax.config import ConfigError, ModelConfig, kv_bytes_per_token, num_params
 from cla_jax.data import eval_batches, train_batches
 from cla_jax.data.corpus import Corpus, prepare_corpus
 from cla_jax.train.metrics import MetricsWriter, peak_flops, train_flops_per_token
 from cla_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from cla_jax.train.state import init_state
+from cla_jax.train.state import abstract_state, init_state
 from cla_jax.train.step import make_eval_step, make_train_step
 
 
@@ -31,13 +32,15 @@ def say(message: str) -> None:
         tqdm.write(message)
 
 
-def check_train_config(train, model: ModelConfig, corpus: Corpus) -> None:
+def check_train_config(train, model: ModelConfig, corpus: Corpus, mesh) -> None:
     if train.steps <= 0:
         raise ConfigError(f"train.steps must be > 0, got {train.steps}")
-    if train.batch_size % (train.grad_accum_steps * jax.process_count()):
+    if train.grad_accum_steps <= 0 or train.batch_size % train.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size ({train.batch_size}) must be divisible by train.grad_accum_steps "
-            f"({train.grad_accum_steps}) x processes ({jax.process_count()})")
+            f"({train.grad_accum_steps})")
+    sharding.check_batch(train.batch_size // train.grad_accum_steps, mesh,
+                         "the micro batch, train.batch_size / train.grad_accum_steps,")
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len "
                           f"({model.max_seq_len})")
@@ -48,39 +51,55 @@ def check_train_config(train, model: ModelConfig, corpus: Corpus) -> None:
 
 
 class _StopOnSigterm:
-    """SIGTERM (preemption, Ctrl-C from a scheduler) asks the loop to checkpoint and exit."""
+    """SIGTERM (preemption, Ctrl-C from a scheduler) asks the loop to checkpoint and exit.
+
+    With several processes, JAX's preemption sync point (set up by jax.distributed) makes every
+    process stop at the same step, whichever of them got the signal.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._multiprocess = jax.process_count() > 1
+        if not self._multiprocess:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
 
+    def at(self, step: int) -> bool:
+        if self._multiprocess:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._multiprocess:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
-def validation_metrics(eval_step, params, corpus: Corpus, train, max_batches: int | None):
+def validation_metrics(eval_step, params, corpus: Corpus, train, mesh,
+                       max_batches: int | None):
     batches = eval_batches(corpus.validation, train.seq_len, train.batch_size,
-                           jax.process_index(), jax.process_count())
+                           *sharding.data_share(mesh))
     if max_batches:
         batches = (b for _, b in zip(range(max_batches), batches))
-    return evaluation.evaluate(eval_step, params, batches, progress=False)
+    return evaluation.evaluate(eval_step, params,
+                               (sharding.global_batch(b, mesh) for b in batches), progress=False)
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pathlib.Path,
-                       stop_at_step: int | None = None):
+                       stop_at_step: int | None = None, devices=None):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
     validation metrics (on `train.eval_batches` batches).
 
     stop_at_step: checkpoint and return there, as a preemption would; the schedule still
     follows train.steps, so a later call continues the same run.
+    devices: the devices of the mesh `config.mesh` (default: all of them).
     """
     workdir = pathlib.Path(workdir).absolute()
     model = ModelConfig.from_dict(config.model)
     train = config.train
+    mesh = sharding.make_mesh(config.get("mesh"), devices)
     ckpt_dir = workdir / "checkpoints"
     latest = checkpoint.good_steps(ckpt_dir)
     if latest:  # Refuse a foreign run before writing anything into its workdir.
@@ -88,27 +107,28 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
         saved = ModelConfig.from_dict(meta["config"]["model"]).to_dict()
         checkpoint.check_same_model(saved, model.to_dict(), workdir)
     corpus = prepare_corpus(config.data, cache_dir)
-    check_train_config(train, model, corpus)
-
+    check_train_config(train, model, corpus, mesh)
     optimizer = make_optimizer(train)
-    state = init_state(model, optimizer, jax.random.key(train.seed))
+    train_step = make_train_step(model, optimizer, train.grad_accum_steps, mesh)  # checks mesh
+    eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
+
     data = train_batches(corpus.train, train.seq_len, train.batch_size, train.seed,
-                         jax.process_index(), jax.process_count())
+                         *sharding.data_share(mesh))
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=train.keep_checkpoints)
-    if latest:
-        state, meta = checkpointer.restore(latest[-1], state)
+    if latest:  # onto this mesh, whatever mesh saved it
+        state, meta = checkpointer.restore(latest[-1], abstract_state(model, optimizer, mesh))
         data.set_state(meta["data"])
         say(f"resumed from step {latest[-1]} in {ckpt_dir}")
+    else:
+        state = init_state(model, optimizer, train.seed, mesh)
 
-    train_step = make_train_step(model, optimizer, train.grad_accum_steps)
-    eval_step = make_eval_step(model, corpus.tokenizer.token_bytes())
     schedule = learning_rate_schedule(train)
     writer = MetricsWriter(workdir)
-    flops_per_token, peak = train_flops_per_token(model, train.seq_len), peak_flops()
+    flops_per_token, peak = train_flops_per_token(model, train.seq_len), peak_flops(mesh.size)
     say(f"model: {num_params(model):,} params, layer groups {list(model.groups)}, KV cache "
         f"{kv_bytes_per_token(model)} bytes/token at 16 bit; corpus: {len(corpus.train):,} train "
-        f"/ {len(corpus.validation):,} validation tokens")
+        f"/ {len(corpus.validation):,} validation tokens; mesh {sharding.describe(mesh)}")
 
     step = int(state.step)
     if step >= train.steps:
@@ -121,10 +141,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
                disable=jax.process_index() != 0)
     try:
         while step < last_step:
-            state, metrics = train_step(state, next(data))
+            state, metrics = train_step(state, sharding.global_batch(next(data), mesh))
             step += 1
             pending.append(metrics)
-            stopping = stop.requested  # read once: a signal landing later waits for next step
+            stopping = stop.at(step)  # read once: a signal landing later waits for next step
             save = step % train.checkpoint_every == 0 or step == last_step or stopping
             evaluate = step % train.eval_every == 0 or step == train.steps
             if not (save or evaluate or step % train.log_every == 0):
@@ -151,7 +171,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(len(fetched))
             if evaluate:
-                last_eval = validation_metrics(eval_step, state.params, corpus, train,
+                last_eval = validation_metrics(eval_step, state.params, corpus, train, mesh,
                                                train.eval_batches)
                 writer.write(step, "eval", last_eval)
                 bar.write(f"step {step}: train loss {record['loss']:.3f}, validation loss "

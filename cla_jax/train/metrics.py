@@ -24,10 +24,11 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-def peak_flops() -> float | None:
+def peak_flops(num_devices: int | None = None) -> float | None:
+    """Peak FLOP/s of `num_devices` (default: all) devices like the first, if known."""
     kind = jax.devices()[0].device_kind
     per_device = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
-    return per_device * jax.device_count() if per_device else None
+    return per_device * (num_devices or jax.device_count()) if per_device else None
 
 
 class MetricsWriter:

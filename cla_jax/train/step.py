@@ -1,16 +1,21 @@
-"""Jitted training and evaluation steps over packed batches.
+"""Jitted training and evaluation steps over packed batches, with explicit shardings.
 
-A batch is a dict of [B, L] arrays: inputs, targets, positions, segment_ids, weights.
+A batch is a dict of global [B, L] arrays (see `sharding.global_batch`): inputs, targets,
+positions, segment_ids, weights. Params and optimizer state stay in their shards; metrics come
+back replicated, so every process can read them.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from cla_jax import sharding
 from cla_jax.config import ModelConfig
-from cla_jax.model import Transformer
-from cla_jax.train.state import TrainState
+from cla_jax.model import Transformer, abstract_params
+from cla_jax.train.state import TrainState, state_shardings
 
 
 def token_nll(config: ModelConfig, params, batch) -> jax.Array:
@@ -23,9 +28,11 @@ def token_nll(config: ModelConfig, params, batch) -> jax.Array:
 
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, mesh: Mesh | None = None):
     """(state, batch) -> (state, metrics); the batch is split into `grad_accum_steps` micro
-    batches whose gradients are summed in float32 before one optimizer update."""
+    batches whose gradients are summed in float32 before one optimizer update. The state is
+    donated: its buffers are reused for the new one."""
+    mesh = mesh or sharding.single_device_mesh()
 
     def loss_fn(params, batch):
         nll = token_nll(config, params, batch)
@@ -34,10 +41,13 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch):
+        # Micro batch k = rows k, k + n, k + 2n...: every device keeps an equal share of each.
         micro = jax.tree_util.tree_map(
-            lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+            lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, micro_batch):
+            micro_batch = {k: sharding.constrain(v, ("batch", "length"))
+                           for k, v in micro_batch.items()}
             (nll_sum, weight), grads = grad_fn(state.params, micro_batch)
             acc_grads, acc_nll, acc_weight = carry
             return (jax.tree_util.tree_map(jnp.add, acc_grads, grads),
@@ -54,17 +64,28 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                    "tokens": weight}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    def traced(state, batch):
+        with sharding.activate(mesh):
+            return train_step(state, batch)
+
+    state_sharding = state_shardings(config, optimizer, mesh)
+    return jax.jit(traced, donate_argnums=0,
+                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)))
 
 
-def make_eval_step(config: ModelConfig, token_bytes):
+def make_eval_step(config: ModelConfig, token_bytes, mesh: Mesh | None = None):
     """(params, batch) -> sums of NLL, target tokens and target bytes (padding weighs 0)."""
-    token_bytes = jnp.asarray(token_bytes, jnp.float32)
+    mesh = mesh or sharding.single_device_mesh()
+    token_bytes = np.asarray(token_bytes, np.float32)  # numpy: a constant in every process
 
     def eval_step(params, batch):
-        nll = token_nll(config, params, batch)
+        with sharding.activate(mesh):
+            nll = token_nll(config, params, batch)
         w = batch["weights"]
         return {"nll": jnp.sum(nll * w), "tokens": jnp.sum(w),
-                "bytes": jnp.sum(token_bytes[batch["targets"]] * w)}
+                "bytes": jnp.sum(jnp.asarray(token_bytes)[batch["targets"]] * w)}
 
-    return jax.jit(eval_step)
+    params_sharding = sharding.param_shardings(abstract_params(config), mesh)
+    return jax.jit(eval_step, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
