@@ -4,6 +4,7 @@
     python train.py --config=configs/paper/1b_h128_mqa_cla2.py --config.data.source=tfds:lm1b \
         --workdir=runs/cla2
 """
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -21,7 +22,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.cache_dir,
                                  flags.FLAGS.stop_at_step)
-    if metrics:
+    if metrics and jax.process_index() == 0:
         print(f"final validation: ppl {metrics['perplexity']:.2f}, "
               f"bits/byte {metrics['bits_per_byte']:.3f} on {metrics['tokens']:,} tokens")
 

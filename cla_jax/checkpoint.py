@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import linen as nn
 from absl import logging
+from flax import linen as nn
 
 from cla_jax import sharding
 from cla_jax.model import abstract_params

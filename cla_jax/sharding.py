@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cla_jax.config import ConfigError
 
@@ -38,7 +39,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
-    "length": (), "head_dim": (), "layers": (),
+    "length": (), "head_dim": (), "layers": (), "norm": (),
 }
 # Which config field sets each split dimension, for error messages.
 FIELD = {"embed": "model.d_model", "heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
@@ -107,7 +108,9 @@ def make_mesh(spec: Mapping[str, int] | None = None,
     """
     spec = dict(spec or {"fsdp": -1})
     devices = list(devices or jax.devices())
-    granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    # Granules of the slow network: TPU slices where there are several, else processes.
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    granule = "slice_index" if len(slices) > 1 else "process_index"
     num_granules = len({getattr(d, granule) for d in devices})
     wants_dcn = any(int(spec.get(axis, 1)) != 1 for axis in DCN_AXES)
     ici, dcn = mesh_shape(spec, len(devices), num_granules if wants_dcn else 1)

@@ -156,6 +156,7 @@ def test_params_carry_logical_axis_names():
     assert names["['stage_0']['layer_0']['mlp']['down']['kernel']"] == ("layers", "mlp", "embed")
     assert names["['embed']['embedding']"] == ("vocab", "embed")
     assert names["['unembed']['kernel']"] == ("embed", "vocab")
+    assert names["['stage_0']['layer_0']['kv_norm']['scale']"] == ("layers", "norm")
     assert all(n is not None and len(n) >= 1 for n in names.values())
 
 

@@ -21,17 +21,6 @@ from cla_jax.train.step import make_eval_step
 from configs import default
 
 ROOT = pathlib.Path(__file__).parents[1]
-WORDS = "the king and queen of a land far away spoke to every lord and lady there".split()
-
-
-@pytest.fixture(scope="module")
-def corpus_glob(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.RandomState(0)
-    for i in range(8):
-        lines = [" ".join(rng.choice(WORDS, 9)) + "." for _ in range(40)]
-        (root / f"doc{i}.txt").write_text(f"SPEAKER {i}:\n" + "\n".join(lines))
-    return f"files:{root}/*.txt"
 
 
 def tiny_config(corpus_glob, **train):

@@ -40,7 +40,22 @@ def local_documents(source: str, cache_dir: pathlib.Path) -> dict[str, str]:
 
 
 def prepare_corpus(data, cache_dir: str | pathlib.Path) -> Corpus:
-    """Builds (once) and loads the dataset, tokenizer and token streams that `data` names."""
+    """Builds (once) and loads the dataset, tokenizer and token streams that `data` names.
+
+    With several processes, process 0 builds first while the others wait: hosts that share a
+    file system never write the same files at once, and hosts with their own disks each build
+    their own copy afterwards.
+    """
+    import jax  # noqa: PLC0415 (the data package itself runs without jax)
+    if jax.process_count() == 1:
+        return _prepare_corpus(data, cache_dir)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    corpus = _prepare_corpus(data, cache_dir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("cla_jax: corpus prepared by process 0")
+    return corpus or _prepare_corpus(data, cache_dir)
+
+
+def _prepare_corpus(data, cache_dir: str | pathlib.Path) -> Corpus:
     cache_dir = pathlib.Path(cache_dir).expanduser()
     data_dir = pathlib.Path(data.data_dir or cache_dir / "datasets").expanduser()
     source = data.source

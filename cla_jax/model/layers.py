@@ -1,7 +1,7 @@
 """Llama-style building blocks: RMSNorm, rotary embeddings, SwiGLU, projections.
 
-Every parameter carries logical axis names (embed, heads, kv_heads, head_dim, mlp, vocab) so
-that `cla_jax.sharding` can place it on a mesh; see DESIGN.md section 6.
+Every parameter carries logical axis names (embed, heads, kv_heads, head_dim, mlp, vocab,
+norm) so that `cla_jax.sharding` can place it on a mesh; see DESIGN.md section 6.
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.config
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        # "norm": a vector per layer, replicated (sharding it would split the [B, T, D] terms of
+        # its gradient on D, against their batch split).
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x_BTD.shape[-1],), dtype_of(cfg.param_dtype))
         # Statistics in float32 whatever the compute dtype: bf16 variance underflows.
         x = x_BTD.astype(jnp.float32)

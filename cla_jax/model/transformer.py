@@ -48,7 +48,8 @@ class DecoderLayer(nn.Module):
         if self.produces_kv:
             # CLA: a shared K/V gets its own norm; a group of one is a plain Llama layer.
             kv_in = RMSNorm(cfg, name="kv_norm")(x_BTD) if self.separate_kv_norm else h_BTD
-            kv_features, kv_axes = (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
+            kv_features = (cfg.num_kv_heads, cfg.head_dim)
+            kv_axes = ("embed", "kv_heads", "head_dim")
             k_BTKH = projection(cfg, kv_features, -1, kv_axes, "key")(kv_in)
             v_BTKH = projection(cfg, kv_features, -1, kv_axes, "value")(kv_in)
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
@@ -128,7 +129,12 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
                          param_dtype=dtype_of(cfg.param_dtype),
                          embedding_init=normal_init(cfg, ("vocab", "embed")), name="embed")
-        x_BTD = constrain(embed(tokens_BT), ("batch", "length", "embed"))
+        # Gather the FSDP shards of the table before the lookup, as for any weight: a lookup
+        # into an embed-sharded table would leave [B, T, D] split on D, and moving it to the
+        # batch split costs a full replication (XLA's "involuntary full rematerialization").
+        table_VD = constrain(embed.embedding, ("vocab", None))
+        x_BTD = constrain(jnp.take(table_VD.astype(dtype_of(cfg.dtype)), tokens_BT, axis=0),
+                          ("batch", "length", "embed"))
         mask_BTS = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache)
         causal_only = cache is None and segment_ids_BT is None
 
