@@ -63,9 +63,15 @@ def initialize_distributed() -> None:
     f = flags.FLAGS
     if not (f.distributed or f.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")):
         return
-    import jax
-    jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                               num_processes=f.num_processes, process_id=f.process_id)
+    import jax  # noqa: PLC0415 (jax loads only after flags are parsed)
+    try:
+        jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                                   num_processes=f.num_processes, process_id=f.process_id)
+    except ValueError as error:  # e.g. "coordinator_address should be defined."
+        raise ValueError(
+            f"jax.distributed could not start ({error}): outside a TPU pod, SLURM, Open MPI or "
+            "Kubernetes job, give --coordinator_address=host:port --num_processes=N "
+            "--process_id=i to every process") from error
     logging.info("process %d of %d, %d local devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count())
 

@@ -75,7 +75,8 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int,
                           f"{', '.join(MESH_AXES + DCN_AXES)}")
     ici = [int(spec.get(axis, 1)) for axis in MESH_AXES]
     dcn = [int(spec.get(axis, 1)) for axis in DCN_AXES]
-    described = ", ".join(f"{k}={v}" for k, v in spec.items())
+    described = ", ".join(f"{k}={spec[k]}" for k in MESH_AXES + DCN_AXES
+                          if k in spec and (k in MESH_AXES or spec[k] != 1))
     if any(d < 1 for d in dcn) or any(i == 0 or i < -1 for i in ici) or ici.count(-1) > 1:
         raise ConfigError(f"bad mesh ({described}): sizes are positive, with at most one -1 "
                           "(= all remaining devices) among data, fsdp and tensor")
@@ -180,7 +181,9 @@ def param_shardings(boxed_params, mesh: Mesh):
                 raise ConfigError(
                     f"mesh axis {axis}={mesh.shape[axis]} does not divide the '{name}' "
                     f"dimension ({size}) of {where}: choose a mesh whose {axis} size divides "
-                    f"{FIELD.get(name, name)} ({size}), or change it")
+                    f"{FIELD.get(name, name)} ({size}), or make that a multiple of "
+                    f"{mesh.shape[axis]}" + (" (a larger vocab_size only pads the embedding)"
+                                             if name == "vocab" else ""))
             notes.add(f"{FIELD[name]}={size} is not divisible by mesh {axis}="
                       f"{mesh.shape[axis]}: K/V projections and the cache are replicated over "
                       f"'{axis}' (expected for MQA)")

@@ -205,3 +205,23 @@ def test_params_restore_onto_a_smaller_mesh(tmp_path):
         np.testing.assert_allclose(loss, expected, rtol=LOSS_RTOL)
         jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored),
                                jax.device_get(nn.meta.unbox(params)))
+
+
+@pytest.mark.parametrize("mesh, fragment", [
+    (dict(data=1, fsdp=1, tensor=8), "mesh axis tensor=8 does not divide the 'vocab' dimension "
+                                     "(260) of embed/embedding"),
+    (dict(data=1, fsdp=-1, tensor=3), "cannot fill -1"),
+    (dict(data=8, fsdp=1, tensor=1), "the micro batch, train.batch_size / "
+                                     "train.grad_accum_steps, (4) is not divisible"),
+])
+def test_training_on_a_bad_mesh_stops_before_building_data_or_compiling(tmp_path, corpus_glob,
+                                                                        mesh, fragment):
+    from cla_jax.train.loop import train_and_evaluate
+    from test_train import tiny_config
+
+    config = tiny_config(corpus_glob, grad_accum_steps=2)
+    config.mesh.update(mesh)
+    with pytest.raises(ConfigError) as error:
+        train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

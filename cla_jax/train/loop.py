@@ -16,6 +16,7 @@ from cla_jax import checkpoint, evaluation, sharding
 from cla_jax.config import ConfigError, ModelConfig, kv_bytes_per_token, num_params
 from cla_jax.data import eval_batches, train_batches
 from cla_jax.data.corpus import Corpus, prepare_corpus
+from cla_jax.model import abstract_params
 from cla_jax.train.metrics import MetricsWriter, peak_flops, train_flops_per_token
 from cla_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from cla_jax.train.state import abstract_state, init_state
@@ -32,7 +33,8 @@ def say(message: str) -> None:
         tqdm.write(message)
 
 
-def check_train_config(train, model: ModelConfig, corpus: Corpus, mesh) -> None:
+def check_train_config(train, model: ModelConfig, mesh) -> None:
+    """Everything that can be refused before data is built or anything compiles."""
     if train.steps <= 0:
         raise ConfigError(f"train.steps must be > 0, got {train.steps}")
     if train.grad_accum_steps <= 0 or train.batch_size % train.grad_accum_steps:
@@ -41,9 +43,13 @@ def check_train_config(train, model: ModelConfig, corpus: Corpus, mesh) -> None:
             f"({train.grad_accum_steps})")
     sharding.check_batch(train.batch_size // train.grad_accum_steps, mesh,
                          "the micro batch, train.batch_size / train.grad_accum_steps,")
+    sharding.param_shardings(abstract_params(model), mesh)  # every split axis divides
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len "
                           f"({model.max_seq_len})")
+
+
+def check_tokenizer(model: ModelConfig, corpus: Corpus) -> None:
     if corpus.tokenizer.vocab_size > model.vocab_size:
         raise ConfigError(
             f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -106,8 +112,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
         _, meta = checkpoint.read_meta(ckpt_dir, latest[-1])
         saved = ModelConfig.from_dict(meta["config"]["model"]).to_dict()
         checkpoint.check_same_model(saved, model.to_dict(), workdir)
+    check_train_config(train, model, mesh)
     corpus = prepare_corpus(config.data, cache_dir)
-    check_train_config(train, model, corpus, mesh)
+    check_tokenizer(model, corpus)
     optimizer = make_optimizer(train)
     train_step = make_train_step(model, optimizer, train.grad_accum_steps, mesh)  # checks mesh
     eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
