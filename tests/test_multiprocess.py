@@ -3,9 +3,11 @@ train with train.py through jax.distributed; one process then restores the check
 another mesh with eval.py and must get the loss the two processes measured."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import ml_collections
 import pytest
@@ -29,6 +31,16 @@ def write_config(config: ml_collections.ConfigDict, path) -> str:
     return str(path)
 
 
+def start_two_trainers(config, tmp_path, workdir, cache):
+    config_file = write_config(config, tmp_path / "tiny.py")
+    coordinator = f"127.0.0.1:{free_port()}"
+    return [subprocess.Popen(
+        [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}",
+         f"--cache_dir={cache}", f"--coordinator_address={coordinator}", "--num_processes=2",
+         f"--process_id={i}"], cwd=ROOT, env=cpu_env(4), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
 def test_two_processes_train_then_one_process_evaluates_the_checkpoint(tmp_path, corpus_glob):
     # eval_batches=0: the training run's eval covers the whole split, as eval.py does.
     config = tiny_config(corpus_glob, steps=4, eval_every=4, checkpoint_every=2,
@@ -36,14 +48,8 @@ def test_two_processes_train_then_one_process_evaluates_the_checkpoint(tmp_path,
     # The global mesh (2, 4, 1): data parallel across the processes (the DCN axis), FSDP over
     # each process's 4 devices. The corpus is not prepared yet: process 0 builds it first.
     config.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=2)
-    config_file = write_config(config, tmp_path / "tiny.py")
     workdir, cache = tmp_path / "run", tmp_path / "cache"
-    coordinator = f"127.0.0.1:{free_port()}"
-    processes = [subprocess.Popen(
-        [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}",
-         f"--cache_dir={cache}", f"--coordinator_address={coordinator}", "--num_processes=2",
-         f"--process_id={i}"], cwd=ROOT, env=cpu_env(4), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    processes = start_two_trainers(config, tmp_path, workdir, cache)
     outputs = [p.communicate(timeout=400) for p in processes]
     for p, (out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -68,3 +74,22 @@ def test_two_processes_train_then_one_process_evaluates_the_checkpoint(tmp_path,
     assert single["step"] == 4 and single["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
     assert single["tokens"] == two_process_eval["tokens"]
     assert single["mean_nll"] == pytest.approx(two_process_eval["mean_nll"], rel=1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path, corpus_glob):
+    config = tiny_config(corpus_glob, steps=100_000, checkpoint_every=100_000,
+                         eval_every=100_000, log_every=5)
+    config.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=2)
+    workdir = tmp_path / "run"
+    processes = start_two_trainers(config, tmp_path, workdir, tmp_path / "cache")
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)  # as a scheduler preempting one host would
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    # One committed step: an orbax save needs every process, so both stopped at that step (a
+    # process left training would wait on its collectives until the timeout above).
+    steps = [int(d.name) for d in (workdir / "checkpoints").iterdir()]
+    assert len(steps) == 1 and 5 <= steps[0] < 100_000
