@@ -125,7 +125,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=train.keep_checkpoints)
     if latest:  # onto this mesh, whatever mesh saved it
         state, meta = checkpointer.restore(latest[-1], abstract_state(model, optimizer, mesh))
-        data.set_state(meta["data"])
+        if meta.get("data") is not None:  # None: a new run made by cla_jax.adapt
+            data.set_state(meta["data"])
         say(f"resumed from step {latest[-1]} in {ckpt_dir}")
     else:
         state = init_state(model, optimizer, train.seed, mesh)

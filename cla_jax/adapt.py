@@ -1,0 +1,160 @@
+"""Adapt a trained checkpoint to another layer grouping (the paper's uptraining experiment).
+
+    python -m cla_jax.adapt --from_workdir=runs/mqa --config=configs/my_cla2.py \
+        --workdir=runs/mqa_to_cla2 --recipe=keep
+    python train.py --config=configs/my_cla2.py --workdir=runs/mqa_to_cla2   # uptrain
+
+Every weight but K/V is copied layer by layer. Each new group's producer gets K/V weights by
+one of the two recipes seen in the field:
+  keep   the producer layer's own K/V projections (the other layers' are dropped)
+  mean   the mean of the group's layers' K/V projections
+and, for a group of more than one layer, a K/V norm initialised from the producer's attention
+norm (which is what fed its K/V before). The result is a step-0 checkpoint with a fresh
+optimizer state in a new workdir, which train.py then trains as a new run.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from cla_jax import checkpoint, sharding
+from cla_jax.config import ConfigError, ModelConfig
+from cla_jax.train.optimizer import make_optimizer
+from cla_jax.train.state import init_state
+
+RECIPES = ("keep", "mean")
+KV = ("key", "value")
+
+
+def layer_params(params, config: ModelConfig) -> list[dict]:
+    """The per-layer param dicts of a scanned model, in depth order."""
+    layers = []
+    for s, (size, count) in enumerate(config.stages):
+        stage = params[f"stage_{s}"]
+        for g in range(count):
+            layers += [jax.tree_util.tree_map(lambda x, g=g: np.asarray(x[g]),
+                                              stage[f"layer_{i}"]) for i in range(size)]
+    return layers
+
+
+def stack_layers(layers: list[dict], config: ModelConfig) -> dict:
+    """The inverse of `layer_params`: stages of stacked groups."""
+    stages, first = {}, 0
+    for s, (size, count) in enumerate(config.stages):
+        groups = [layers[first + g * size:first + (g + 1) * size] for g in range(count)]
+        stages[f"stage_{s}"] = {
+            f"layer_{i}": jax.tree_util.tree_map(lambda *xs: np.stack(xs),
+                                                 *[group[i] for group in groups])
+            for i in range(size)}
+        first += size * count
+    return stages
+
+
+def _effective_kv(layers: list[dict], config: ModelConfig) -> list[dict]:
+    """For every layer, the K/V weights and the norm feeding them that it attends with."""
+    kv, index = [], 0
+    for size in config.groups:
+        producer = layers[index]
+        norm = producer["kv_norm"] if size > 1 else producer["attn_norm"]
+        kv += [{"key": producer["key"], "value": producer["value"], "norm": norm}] * size
+        index += size
+    return kv
+
+
+def check_adaptable(source: ModelConfig, target: ModelConfig) -> None:
+    ignore = ("kv_sharing", "group_sizes")
+    diffs = [f"{k}: {v!r} vs {target.to_dict()[k]!r}" for k, v in source.to_dict().items()
+             if k not in ignore and target.to_dict()[k] != v]
+    if diffs:
+        raise ConfigError("only the layer grouping (kv_sharing, group_sizes) may change when "
+                          f"adapting a checkpoint; these differ: {'; '.join(diffs)}")
+
+
+def convert_params(params, source: ModelConfig, target: ModelConfig, recipe: str = "keep"):
+    """`params` of model `source` rearranged for `target` (same model but the grouping)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; use one of {RECIPES}")
+    check_adaptable(source, target)
+    old = layer_params(params, source)
+    old_kv = _effective_kv(old, source)
+    new, index = [], 0
+    for size in target.groups:
+        members = range(index, index + size)
+        for position, layer in enumerate(members):
+            weights = {k: v for k, v in old[layer].items() if k not in KV + ("kv_norm",)}
+            if position == 0:
+                for name in KV:
+                    if recipe == "keep":
+                        weights[name] = old_kv[layer][name]
+                    else:
+                        weights[name] = jax.tree_util.tree_map(
+                            lambda *xs: np.mean(xs, axis=0).astype(xs[0].dtype),
+                            *[old_kv[m][name] for m in members])
+                if size > 1:
+                    weights["kv_norm"] = jax.tree_util.tree_map(np.copy, old_kv[layer]["norm"])
+            new.append(weights)
+        index += size
+    top = {k: v for k, v in params.items() if not k.startswith("stage_")}
+    return {**jax.device_get(top), **stack_layers(new, target)}
+
+
+def adapt_checkpoint(from_workdir, step: int | None, config: ml_collections.ConfigDict,
+                     workdir, recipe: str = "keep") -> pathlib.Path:
+    """Writes step 0 of a new run in `workdir`: `config`'s model with params converted from
+    the checkpoint in `from_workdir`, and a fresh optimizer state. Returns its directory."""
+    source_dir = pathlib.Path(from_workdir).expanduser() / "checkpoints"
+    target_dir = pathlib.Path(workdir).expanduser() / "checkpoints"
+    try:
+        step, meta = checkpoint.read_meta(source_dir, step)
+    except checkpoint.CheckpointError as error:
+        raise checkpoint.CheckpointError(f"--from_workdir: {error}") from error
+    source = ModelConfig.from_dict(meta["config"]["model"])
+    target = ModelConfig.from_dict(config.model)
+    check_adaptable(source, target)
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; use one of {RECIPES}")
+    if checkpoint.good_steps(target_dir):
+        raise checkpoint.CheckpointError(f"{target_dir} already holds checkpoints; give a new "
+                                         "--workdir for the adapted run")
+    mesh = sharding.single_device_mesh()
+    params = checkpoint.restore_params_onto(source_dir, step, source, mesh)
+    converted = convert_params(params, source, target, recipe)
+    optimizer = make_optimizer(config.train)
+    state = init_state(target, optimizer, config.train.seed, mesh)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params)
+    params = jax.device_put(nn.meta.unbox(converted), shardings)
+    state = state.replace(params=params, opt_state=optimizer.init(params))
+    saver = checkpoint.Checkpointer(target_dir, keep=config.train.keep_checkpoints)
+    saver.save(0, state, {"data": None, "config": config.to_dict(),
+                          "adapted_from": {"workdir": str(source_dir.parent), "step": step,
+                                           "recipe": recipe}})
+    saver.wait()
+    saver.close()
+    return target_dir
+
+
+def main(argv):
+    from absl import flags  # noqa: PLC0415
+    f = flags.FLAGS
+    target = adapt_checkpoint(f.from_workdir, f.step, f.config, f.workdir, f.recipe)
+    print(f"wrote step 0 of the adapted model ({f.recipe} recipe) to {target}; train it with: "
+          f"python train.py --config=<the same config> --workdir={f.workdir}")
+
+
+if __name__ == "__main__":
+    from absl import flags
+    from ml_collections import config_flags
+
+    from cla_jax import cli
+
+    flags.DEFINE_string("from_workdir", None, "The run whose checkpoint to adapt.")
+    flags.DEFINE_integer("step", None, "Its step (default: the latest usable one).")
+    flags.DEFINE_enum("recipe", "keep", list(RECIPES), "keep: the producer's K/V; mean: the "
+                      "mean over each group.")
+    config_flags.DEFINE_config_file("config", None, "The target config (the CLA twin).")
+    flags.mark_flags_as_required(["from_workdir", "config", "workdir"])
+    cli.start(main)
