@@ -9,6 +9,9 @@ global batches consumed), so `get_state()`/`set_state()` and orbax
       --> pack_windows (inputs, targets, positions, segment_ids, weights)
 
 Global batch k is the same whatever the number of processes; each process packs only its rows.
+`process_index`/`process_count` are really the row share (index, count) that
+`cla_jax.sharding.data_share(mesh)` gives a process: processes whose devices hold the same rows
+(a tensor axis across hosts) pass the same index.
 Batches run across epoch boundaries, so no window is dropped (only the stream's last
 < seq_len tokens, which fill no whole window, are never trained on; eval pads and keeps them).
 """
