@@ -117,28 +117,46 @@ def adapt_checkpoint(from_workdir, step: int | None, config: ml_collections.Conf
     check_adaptable(source, target)
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; use one of {RECIPES}")
+    params = checkpoint.restore_params_onto(source_dir, step, source,
+                                           sharding.single_device_mesh())
+    return write_first_step(target_dir, config, convert_params(params, source, target, recipe),
+                            {"adapted_from": {"workdir": str(source_dir.parent), "step": step,
+                                              "recipe": recipe}})
+
+
+def _layout(tree) -> dict:
+    return {jax.tree_util.keystr(path): (tuple(x.shape), np.dtype(x.dtype).name)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def write_first_step(target_dir: pathlib.Path, config: ml_collections.ConfigDict, params,
+                     provenance: dict) -> pathlib.Path:
+    """Saves `params` (unboxed numpy tree) as step 0 of a new run of `config`, with a fresh
+    optimizer state and no data position; refuses a directory that already holds a run."""
     if checkpoint.good_steps(target_dir):
         raise checkpoint.CheckpointError(f"{target_dir} already holds checkpoints; give a new "
-                                         "--workdir for the adapted run")
+                                         "--workdir")
+    model = ModelConfig.from_dict(config.model)
     mesh = sharding.single_device_mesh()
-    params = checkpoint.restore_params_onto(source_dir, step, source, mesh)
-    converted = convert_params(params, source, target, recipe)
     optimizer = make_optimizer(config.train)
-    state = init_state(target, optimizer, config.train.seed, mesh)
+    state = init_state(model, optimizer, config.train.seed, mesh)
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state.params)
-    params = jax.device_put(nn.meta.unbox(converted), shardings)
+    params = nn.meta.unbox(params)
+    if _layout(params) != _layout(state.params):
+        raise ConfigError(f"the converted params do not fit {model}; this is a bug in the "
+                          f"conversion, please report it with: {_layout(params)}")
+    params = jax.device_put(params, shardings)
     state = state.replace(params=params, opt_state=optimizer.init(params))
     saver = checkpoint.Checkpointer(target_dir, keep=config.train.keep_checkpoints)
-    saver.save(0, state, {"data": None, "config": config.to_dict(),
-                          "adapted_from": {"workdir": str(source_dir.parent), "step": step,
-                                           "recipe": recipe}})
+    saver.save(0, state, {"data": None, "config": config.to_dict(), **provenance})
     saver.wait()
     saver.close()
     return target_dir
 
 
 def main(argv):
-    from absl import flags  # noqa: PLC0415
+    from absl import flags, logging  # noqa: PLC0415
+    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     target = adapt_checkpoint(f.from_workdir, f.step, f.config, f.workdir, f.recipe)
     print(f"wrote step 0 of the adapted model ({f.recipe} recipe) to {target}; train it with: "

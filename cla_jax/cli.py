@@ -50,11 +50,16 @@ def define_mesh_flag() -> None:
                         "the run's config.mesh). Any mesh can read any checkpoint.")
 
 
+def mesh_spec() -> dict | None:
+    """The --mesh flag as {axis: size}; None when not given (the run's config.mesh)."""
+    from cla_jax import sharding  # noqa: PLC0415 (jax loads only after flags are parsed)
+    return sharding.parse_mesh(flags.FLAGS.mesh) if flags.FLAGS.mesh else None
+
+
 def mesh_for(config):
     """The --mesh flag's mesh, else the run config's, over all devices."""
-    from cla_jax import sharding  # noqa: PLC0415 (jax loads only after flags are parsed)
-    text = flags.FLAGS.mesh
-    return sharding.make_mesh(sharding.parse_mesh(text) if text else config.get("mesh"))
+    from cla_jax import sharding  # noqa: PLC0415
+    return sharding.make_mesh(mesh_spec() or config.get("mesh"))
 
 
 def initialize_distributed() -> None:

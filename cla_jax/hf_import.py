@@ -1,0 +1,201 @@
+"""Import a Hugging Face Llama checkpoint (config.json + safetensors) as a CLA1 cla-jax run.
+
+    python -m cla_jax.hf_import --hf_dir=path/to/Llama-3.2-1B --workdir=runs/llama
+    python eval.py --workdir=runs/llama        # perplexity on the run's data.source
+    python -m cla_jax.adapt --from_workdir=runs/llama --config=runs/llama/config.py \
+        --config.model.kv_sharing=2 --workdir=runs/llama_cla2          # then uptrain to CLA2
+
+MHA, GQA and MQA Llamas (and Mistral without a sliding window) map one to one onto a CLA1
+model: every layer is its own group. The workdir gets step 0 of a new run (fresh optimizer),
+`config.py` that rebuilds its config, and the model's `tokenizer.json` when there is one.
+
+Ids: cla-jax reserves 0/1/2 for pad/bos/eos and shifts a tokenizer.json's ids up by 3 (see
+cla_jax/data/tokenizer.py), so HF id i is row i + 3 of the embedding and unembedding. Rows 1
+and 2 copy the model's own bos and eos rows; pad's rows are zero: it is never a target, and its
+constant logit 0 sits far below a trained model's top logits.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import struct
+
+import numpy as np
+
+from cla_jax.config import ConfigError, ModelConfig
+from cla_jax.data.tokenizer import BOS_ID, EOS_ID, NUM_SPECIAL_IDS
+
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
+SUPPORTED_TYPES = ("llama", "mistral")
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file, memory-mapped (bf16 through ml_dtypes)."""
+    import ml_dtypes  # noqa: PLC0415  (comes with jax)
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + header_size)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"{path}: tensor {name} has dtype {info['dtype']}; only "
+                              f"{sorted(SAFETENSORS_DTYPES)} weights can be imported")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]] or ml_dtypes.bfloat16
+        start, end = info["data_offsets"]
+        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def read_weights(hf_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint: one model.safetensors or the shards its index names."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{hf_dir} holds no *.safetensors; convert .bin weights first "
+                          "(transformers: model.save_pretrained(dir, safe_serialization=True))")
+    weights = {}
+    for name in files:
+        weights.update(read_safetensors(hf_dir / name))
+    return weights
+
+
+def model_config_from_hf(hf: dict, dtype: str = "float32") -> dict:
+    """cla-jax model fields (CLA1) for a Hugging Face Llama config.json; refuses what differs."""
+    def refuse(what: str):
+        raise ConfigError(f"config.json: {what}; cla-jax imports Llama-architecture models "
+                          "(RMSNorm, RoPE, SwiGLU, no biases)")
+    if hf.get("model_type") not in SUPPORTED_TYPES:
+        refuse(f"model_type {hf.get('model_type')!r} is not one of {SUPPORTED_TYPES}")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {hf['hidden_act']!r} is not silu (SwiGLU)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        refuse("the model has attention or MLP biases")
+    if hf.get("sliding_window") is not None:
+        refuse(f"sliding_window {hf['sliding_window']} attention is not supported")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        refuse(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
+    heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"] + NUM_SPECIAL_IDS, d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        mlp_dim=hf["intermediate_size"], kv_sharing=1, group_sizes="",
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dtype=dtype, param_dtype="float32")
+
+
+def _special_row(hf: dict, key: str, table: np.ndarray) -> np.ndarray:
+    token = hf.get(key)
+    token = token[0] if isinstance(token, list) else token
+    return table[token] if token is not None else np.zeros_like(table[0])
+
+
+def _vocab_rows(table_VD: np.ndarray, hf: dict) -> np.ndarray:
+    """[V, D] in HF ids -> [V + 3, D] in cla-jax ids (pad zero, bos/eos the model's own)."""
+    special = np.zeros((NUM_SPECIAL_IDS, table_VD.shape[1]), np.float32)
+    special[BOS_ID] = _special_row(hf, "bos_token_id", table_VD)
+    special[EOS_ID] = _special_row(hf, "eos_token_id", table_VD)
+    return np.concatenate([special, table_VD.astype(np.float32)])
+
+
+def convert_weights(weights: dict[str, np.ndarray], hf: dict, model: ModelConfig) -> dict:
+    """HF tensors ([out, in] linear weights) -> a cla-jax CLA1 param tree (float32)."""
+    from cla_jax.adapt import stack_layers  # noqa: PLC0415
+    weights = {re.sub(r"^model\.", "", k): v for k, v in weights.items()}
+    used = set()
+
+    def take(name: str) -> np.ndarray:
+        if name not in weights:
+            raise ConfigError(f"the checkpoint has no tensor {name!r} (found e.g. "
+                              f"{sorted(weights)[:4]}); is it a Llama checkpoint?")
+        used.add(name)
+        return np.asarray(weights[name], np.float32)
+
+    d, n, k, h = model.d_model, model.num_heads, model.num_kv_heads, model.head_dim
+    layers = []
+    for i in range(model.num_layers):
+        p = f"layers.{i}."
+        layers.append({
+            "attn_norm": {"scale": take(p + "input_layernorm.weight")},
+            "query": {"kernel": take(p + "self_attn.q_proj.weight").T.reshape(d, n, h)},
+            "key": {"kernel": take(p + "self_attn.k_proj.weight").T.reshape(d, k, h)},
+            "value": {"kernel": take(p + "self_attn.v_proj.weight").T.reshape(d, k, h)},
+            "out": {"kernel": take(p + "self_attn.o_proj.weight").T.reshape(n, h, d)},
+            "mlp_norm": {"scale": take(p + "post_attention_layernorm.weight")},
+            "mlp": {name: {"kernel": take(f"{p}mlp.{name}_proj.weight").T}
+                    for name in ("gate", "up", "down")},
+        })
+    params = {"embed": {"embedding": _vocab_rows(take("embed_tokens.weight"), hf)},
+              "final_norm": {"scale": take("norm.weight")}, **stack_layers(layers, model)}
+    if not model.tie_embeddings:
+        params["unembed"] = {"kernel": _vocab_rows(take("lm_head.weight"), hf).T}
+    unused = sorted(set(weights) - used - {"rotary_emb.inv_freq"})
+    if unused:
+        raise ConfigError(f"the checkpoint has tensors this import does not map: {unused[:6]}")
+    return params
+
+
+def import_checkpoint(hf_dir, workdir, dtype: str = "float32",
+                      source: str = "shakespeare") -> pathlib.Path:
+    """Writes step 0 of a CLA1 run converted from `hf_dir`; returns its checkpoint directory."""
+    from cla_jax.adapt import write_first_step  # noqa: PLC0415
+    from configs import default  # noqa: PLC0415
+    hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
+    if not (hf_dir / "config.json").is_file():
+        raise ConfigError(f"--hf_dir: {hf_dir} has no config.json; point it at a downloaded "
+                          "Hugging Face model directory")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    config = default.get_config()
+    config.model.update(model_config_from_hf(hf, dtype))
+    config.data.source = source
+    model = ModelConfig.from_dict(config.model)
+    params = convert_weights(read_weights(hf_dir), hf, model)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (hf_dir / "tokenizer.json").is_file():
+        shutil.copy(hf_dir / "tokenizer.json", workdir / "tokenizer.json")
+        config.data.tokenizer = str((workdir / "tokenizer.json").absolute())
+    target = write_first_step(workdir / "checkpoints", config, params,
+                              {"imported_from": str(hf_dir.absolute())})
+    (workdir / "config.py").write_text(
+        f'"""The config of the model imported from {hf_dir} (cla_jax.hf_import)."""\n'
+        "import ml_collections\n\n\ndef get_config():\n"
+        f"    return ml_collections.ConfigDict({config.to_dict()!r})\n")
+    return target
+
+
+def main(argv):
+    from absl import flags, logging  # noqa: PLC0415
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    target = import_checkpoint(f.hf_dir, f.workdir, f.dtype, f.source)
+    print(f"wrote step 0 of the imported CLA1 model to {target}; its config is "
+          f"{pathlib.Path(f.workdir) / 'config.py'}")
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from cla_jax import cli
+
+    flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory (config.json, "
+                        "*.safetensors, optionally tokenizer.json).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the run "
+                      "(weights are kept in float32).")
+    flags.DEFINE_string("source", "shakespeare", "The run's config.data.source, which eval.py "
+                        "and train.py read: shakespeare, files:<glob>, tfds:<name>.")
+    flags.mark_flags_as_required(["hf_dir", "workdir"])
+    cli.start(main)
