@@ -173,6 +173,19 @@ def kv_bytes_per_token(config: ModelConfig, bytes_per_element: int = 2) -> int:
     return 2 * config.num_kv_heads * config.head_dim * config.num_kv_layers * bytes_per_element
 
 
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward (3 x forward), as MFU counts them (PaLM,
+    appendix B): 6 per weight of every matmul (projections, SwiGLU, unembedding; not the
+    embedding lookup or norms) plus attention's QK^T and PV, 6 x 2 x heads x head_dim x seq_len
+    per layer, counted over the whole square (XLA's attention computes the masked half too)."""
+    d, h = config.d_model, config.head_dim
+    matmul_weights = (config.num_layers * (2 * d * config.num_heads * h + 3 * d * config.mlp_dim)
+                      + config.num_kv_layers * 2 * d * config.num_kv_heads * h
+                      + d * config.vocab_size)
+    attention = config.num_layers * 2 * config.num_heads * h * seq_len
+    return 6.0 * (matmul_weights + attention)
+
+
 def num_params(config: ModelConfig) -> int:
     """Parameter count from the config alone (no arrays are built)."""
     d, h = config.d_model, config.head_dim

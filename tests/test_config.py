@@ -1,5 +1,6 @@
 """Config validation, layer-group patterns and the paper's KV accounting (Table 1)."""
 import importlib
+import math
 import pathlib
 
 import jax
@@ -10,6 +11,7 @@ from flax import linen as nn
 
 import cla_jax
 from cla_jax.config import ConfigError, ModelConfig
+from cla_jax.model import Transformer, abstract_params
 
 PAPER_DIR = pathlib.Path(__file__).parents[1] / "configs" / "paper"
 
@@ -158,3 +160,34 @@ def test_from_dict_rejects_unknown_and_missing_fields():
 def test_config_round_trips_through_dict():
     c = small(num_layers=6, group_sizes=(1, 2, 2, 1))
     assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+def _dot_flops(jaxpr) -> float:
+    """FLOPs of every dot_general in a jaxpr, entering scans (x length) and nested jaxprs."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+                    total += times * _dot_flops(inner)
+    return total
+
+
+@pytest.mark.parametrize("sharing, kv_heads, tie", [(1, 4, False), (2, 1, False), (3, 2, True)])
+def test_train_flops_per_token_is_three_times_the_forward_matmuls(sharing, kv_heads, tie):
+    model = ModelConfig(vocab_size=96, d_model=32, num_layers=6, num_heads=4, head_dim=16,
+                        num_kv_heads=kv_heads, mlp_dim=48, kv_sharing=sharing,
+                        tie_embeddings=tie, attention="xla")
+    batch, seq = 2, 24
+    tokens = jnp.zeros((batch, seq), jnp.int32)
+    params = nn.meta.unbox(abstract_params(model))
+    jaxpr = jax.make_jaxpr(lambda p: Transformer(model).apply({"params": p}, tokens, tokens))(
+        params)
+    forward_per_token = _dot_flops(jaxpr.jaxpr) / (batch * seq)
+    assert cla_jax.train_flops_per_token(model, seq) == pytest.approx(3 * forward_per_token)
