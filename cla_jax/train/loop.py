@@ -13,11 +13,17 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cla_jax import checkpoint, evaluation, sharding
-from cla_jax.config import ConfigError, ModelConfig, kv_bytes_per_token, num_params
+from cla_jax.config import (
+    ConfigError,
+    ModelConfig,
+    kv_bytes_per_token,
+    num_params,
+    train_flops_per_token,
+)
 from cla_jax.data import eval_batches, train_batches
 from cla_jax.data.corpus import Corpus, prepare_corpus
 from cla_jax.model import abstract_params
-from cla_jax.train.metrics import MetricsWriter, peak_flops, train_flops_per_token
+from cla_jax.train.metrics import MetricsWriter, peak_flops
 from cla_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from cla_jax.train.state import abstract_state, init_state
 from cla_jax.train.step import make_eval_step, make_train_step

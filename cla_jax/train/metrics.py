@@ -1,4 +1,4 @@
-"""Training metrics: FLOPs per token, MFU, and one writer for stdout, JSONL and TensorBoard."""
+"""Training metrics: peak FLOP/s for MFU, and one writer for stdout, JSONL and TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -6,22 +6,11 @@ import pathlib
 
 import jax
 
-from cla_jax.config import ModelConfig, num_params
-
 # Dense bf16 peak FLOP/s per device, by jax's device_kind; MFU is reported where known.
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
               "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12}
-
-
-def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """6 x matmul params (forward + backward) plus causal attention: 6 x L x N x H x T
-    (QK^T and AV, 2 FLOPs per MAC, x3 for backward, halved by the causal mask)."""
-    matmul_params = num_params(config) - config.vocab_size * config.d_model * (
-        0 if config.tie_embeddings else 1)  # the input embedding is a lookup, not a matmul
-    attention = 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
-    return 6.0 * matmul_params + attention
 
 
 def peak_flops(num_devices: int | None = None) -> float | None:
