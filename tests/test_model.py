@@ -234,6 +234,13 @@ def test_xla_kernel_equals_reference_kernel(kv):
         ref, _ = forward(config, params, tokens, positions, seg)
         xla, _ = forward(config.replace(attention="xla"), params, tokens, positions, seg)
         np.testing.assert_allclose(xla, ref, rtol=1e-5, atol=1e-5)
+    # The folded-head layout must also differentiate like the reference kernel.
+    (ref_loss, ref_grads), (xla_loss, xla_grads) = (
+        loss_and_grads(config.replace(attention=kind), params, tokens)
+        for kind in ("reference", "xla"))
+    np.testing.assert_allclose(xla_loss, ref_loss, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           xla_grads, ref_grads)
 
 
 @functools.lru_cache
