@@ -16,27 +16,23 @@ alike; the median is reported.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
-import platform
 import re
 import statistics
 import sys
 import time
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxlib
 
-from cla_jax import ModelConfig, Transformer, abstract_params
-from cla_jax.config import REMAT_POLICIES
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+from benchmarks.common import environment, today, write_results  # noqa: E402
+from cla_jax import ModelConfig, Transformer, abstract_params  # noqa: E402
+from cla_jax.config import REMAT_POLICIES  # noqa: E402
 
 GOAL_RATIO = 1.3
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 # A CPU-sized MQA model; only num_layers and the groups change between cases.
 BASE_MODEL = dict(vocab_size=4096, d_model=256, num_heads=4, num_kv_heads=1, head_dim=64,
@@ -141,11 +137,6 @@ def summarize(values):
                 all=[round(v, 4) for v in values])
 
 
-def device_slug() -> str:
-    kind = jax.devices()[0].device_kind
-    return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or jax.default_backend()
-
-
 def run(args):
     jax.config.update("jax_enable_compilation_cache", False)
     cases = [dict(name=f"depth{d}_cla{args.kv_sharing}", group="depth", depth=d,
@@ -210,20 +201,14 @@ def run(args):
         program_lines=deep["optimized_hlo_lines"] / shallow["optimized_hlo_lines"],
         goal=GOAL_RATIO, goal_met=ratio("compile_s") <= GOAL_RATIO)
 
-    devices = jax.devices()
-    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     return dict(
         benchmark="compile_time",
-        date=today,
+        date=today(),
         what=("wall seconds of jax.jit(jax.value_and_grad(loss)).lower(params, batch) and of "
               ".compile() on it; abstract params; caches cleared before every measurement; "
               "median over repeats taken round-robin across cases"),
         environment=dict(
-            backend=jax.default_backend(), device_kind=devices[0].device_kind,
-            device_count=len(devices), cpu_count=os.cpu_count(),
-            python=platform.python_version(), jax=jax.__version__,
-            jaxlib=jaxlib.__version__, flax=flax.__version__,
-            platform=f"{platform.system()} {platform.machine()}",
+            environment(),
             load_average_1m_before=round(load_before[0], 2),
             load_average_1m_after=round(load_after[0], 2)),
         note=("Shared, noisy machine: other jobs may run alongside; compare medians, and "
@@ -262,10 +247,7 @@ def table(report) -> str:
 def main(argv=None):
     args = parse_args(argv)
     report = run(args)
-    out = pathlib.Path(args.out) if args.out else (
-        RESULTS_DIR / f"compile_time_{report['date']}_{device_slug()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_results(report, args.out)
     print(table(report))
     print(f"wrote {out}")
 

@@ -7,22 +7,22 @@ fits a memory budget; plus the capacity ratio against the no-CLA twin.
 
 Writes benchmarks/results/decode_<date>_<device>.json and prints a table.
 """
-import datetime
-import importlib.util
-import json
 import pathlib
-import platform
-import statistics
 import sys
-import time
 
 import jax
 from absl import app, flags
 from flax import linen as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+from benchmarks.common import (  # noqa: E402
+    environment,
+    median_seconds,
+    model_from_config_file,
+    today,
+    write_results,
+)
 from cla_jax.capacity import capacity  # noqa: E402
-from cla_jax.config import ModelConfig  # noqa: E402
 from cla_jax.decoding import Sampling, generate  # noqa: E402
 from cla_jax.model import init_params  # noqa: E402
 
@@ -37,22 +37,13 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
 FLAGS = flags.FLAGS
 
 
-def timed(fn, repeats):
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(config, params, batch):
     prompts = [[(7 * i + j) % config.vocab_size for j in range(FLAGS.prompt_len)]
                for i in range(batch)]
     greedy = Sampling(temperature=0)
-    prefill = timed(lambda: generate(config, params, prompts, 1, greedy), FLAGS.repeats)
-    full = timed(lambda: generate(config, params, prompts, FLAGS.new_tokens, greedy),
+    prefill = median_seconds(lambda: generate(config, params, prompts, 1, greedy),
+                             FLAGS.repeats)
+    full = median_seconds(lambda: generate(config, params, prompts, FLAGS.new_tokens, greedy),
                  FLAGS.repeats)
     per_step = (full - prefill) / (FLAGS.new_tokens - 1)
     return {"batch": batch, "prefill_s": prefill, "decode_step_s": per_step,
@@ -60,10 +51,7 @@ def measure(config, params, batch):
 
 
 def main(argv):
-    spec = importlib.util.spec_from_file_location("bench_config", FLAGS.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    base = ModelConfig.from_dict(module.get_config().model)
+    base = model_from_config_file(FLAGS.config)
     base = base.replace(max_seq_len=max(base.max_seq_len, FLAGS.prompt_len + FLAGS.new_tokens))
     context = FLAGS.prompt_len + FLAGS.new_tokens
     budget = int(FLAGS.budget_gib * 2**30)
@@ -80,11 +68,8 @@ def main(argv):
                      "capacity_ratio_vs_cla1": cap["capacity_ratio"],
                      "batch_1": measure(config, params, 1),
                      "large_batch": measure(config, params, big)})
-    device = jax.devices()[0]
     result = {
-        "benchmark": "decode", "date": datetime.date.today().isoformat(),
-        "device": f"{jax.device_count()} x {device.device_kind}", "backend": jax.default_backend(),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__},
+        "benchmark": "decode", "date": today(), "environment": environment(),
         "settings": {"config": FLAGS.config, "prompt_len": FLAGS.prompt_len,
                      "new_tokens": FLAGS.new_tokens, "budget_bytes": budget,
                      "cache_dtype": cache_dtype, "repeats": FLAGS.repeats,
@@ -92,9 +77,7 @@ def main(argv):
         "note": "Random-init params, greedy, no EOS. Shared noisy machine: compare rows of one "
                 "run; decode_step_s = (time(N tokens) - time(1 token)) / (N - 1).",
         "rows": rows}
-    out = pathlib.Path(__file__).parent / "results" / (
-        f"decode_{result['date']}_{jax.default_backend()}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(result)
     print(f"{'CLA':>4} {'B/token':>8} {'fits':>6} {'ratio':>6} {'prefill ms':>10} "
           f"{'step ms b1':>10} {'tok/s b1':>8} {'batch':>5} {'tok/s':>8}")
     for r in rows:

@@ -1,0 +1,147 @@
+"""Peak memory of a training step against depth, for each remat policy.
+
+Answers: how much memory does each `model.remat` policy save, and how does a training step's
+memory grow with depth? Each figure is XLA's own buffer assignment for the real jitted train
+step (`cla_jax.train.step.make_train_step`: forward, backward, AdamW update, state donated),
+read from `compiled.memory_analysis()` after compiling against abstract state, so nothing is
+allocated and the figures are exact for this backend (no timing noise):
+
+    peak = arguments + outputs - aliased (donated state reused for the new one) + temporaries
+
+`temporaries` holds the activations kept for the backward pass; its growth per layer is the
+activation cost of one layer under each policy.
+
+    PYTHONPATH=. python benchmarks/train_memory.py                      # ~2 min on 2 CPU cores
+    PYTHONPATH=. python benchmarks/train_memory.py --depths=4,32 --batch=16 --seq_len=1024
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import ml_collections
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+from benchmarks.common import environment, today, write_results  # noqa: E402
+from benchmarks.compile_time import BASE_MODEL  # noqa: E402
+from cla_jax import ModelConfig, sharding  # noqa: E402
+from cla_jax.config import REMAT_POLICIES  # noqa: E402
+from cla_jax.train.optimizer import make_optimizer  # noqa: E402
+from cla_jax.train.state import abstract_state  # noqa: E402
+from cla_jax.train.step import make_train_step  # noqa: E402
+
+MIB = 2**20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", default="4,8,16,32", help="comma-separated layer counts")
+    p.add_argument("--remats", default=",".join(REMAT_POLICIES),
+                   help=f"comma-separated model.remat policies, of {REMAT_POLICIES}")
+    p.add_argument("--kv_sharing", type=int, default=2, help="CLA sharing factor (1 = no CLA)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--out", default="", help="results JSON path (default: benchmarks/results/"
+                                             "train_memory_<date>_<device>.json)")
+    args = p.parse_args(argv)
+    try:
+        args.depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        p.error(f"--depths must be comma-separated integers, got {args.depths!r}")
+    args.remats = [r.strip() for r in args.remats.split(",") if r.strip()]
+    unknown = [r for r in args.remats if r not in REMAT_POLICIES]
+    if unknown or not args.remats or not args.depths:
+        p.error(f"need depths and remat policies from {REMAT_POLICIES}; unknown: {unknown}")
+    if any(d % args.kv_sharing for d in args.depths):
+        p.error(f"every depth must be a multiple of --kv_sharing={args.kv_sharing}")
+    return args
+
+
+def step_memory(model: ModelConfig, batch: int, seq_len: int) -> dict:
+    """Bytes XLA assigns to one compiled train step of `model` (see the module docstring)."""
+    train = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, steps=1000, warmup_fraction=0.05, final_lr_fraction=0.1,
+        b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0))
+    optimizer = make_optimizer(train)
+    mesh = sharding.single_device_mesh()
+    state = abstract_state(model, optimizer, mesh)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), "int32")
+    data = dict(inputs=tokens, targets=tokens, positions=tokens, segment_ids=tokens,
+                weights=jax.ShapeDtypeStruct((batch, seq_len), "float32"))
+    stats = make_train_step(model, optimizer, mesh=mesh).lower(state, data).compile() \
+        .memory_analysis()
+    if stats is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
+    figures = dict(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+                   aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+                   generated_code=stats.generated_code_size_in_bytes)
+    figures["peak"] = (figures["arguments"] + figures["outputs"] - figures["aliased"]
+                       + figures["temporaries"])
+    return figures
+
+
+def run(args) -> dict:
+    results = []
+    for remat in args.remats:
+        for depth in args.depths:
+            model = ModelConfig(num_layers=depth, kv_sharing=args.kv_sharing, remat=remat,
+                                **BASE_MODEL)
+            figures = step_memory(model, args.batch, args.seq_len)
+            results.append(dict(remat=remat, num_layers=depth, **figures))
+            print(f"  remat={remat:<14} layers={depth:<3} peak {figures['peak'] / MIB:8.1f} MiB"
+                  f"  temporaries {figures['temporaries'] / MIB:8.1f} MiB",
+                  file=sys.stderr, flush=True)
+    # Activation bytes per extra layer: the slope of temporaries between the extreme depths.
+    shallow, deep = min(args.depths), max(args.depths)
+    per_layer = {}
+    for remat in args.remats:
+        at = {r["num_layers"]: r for r in results if r["remat"] == remat}
+        if deep > shallow:
+            per_layer[remat] = (at[deep]["temporaries"] - at[shallow]["temporaries"]) / (
+                deep - shallow)
+    return dict(
+        benchmark="train_memory",
+        date=today(),
+        what=("XLA buffer assignment of the jitted train step (forward, backward, AdamW, state "
+              "donated) from compiled.memory_analysis(); peak = arguments + outputs - aliased "
+              "+ temporaries; exact for this backend, no timing"),
+        environment=environment(),
+        settings=dict(batch=args.batch, seq_len=args.seq_len, kv_sharing=args.kv_sharing,
+                      depths=args.depths, remats=args.remats),
+        model=BASE_MODEL,
+        temporaries_per_layer_bytes=per_layer,
+        results=results)
+
+
+def table(report) -> str:
+    depths = report["settings"]["depths"]
+    rows = ["peak MiB (temporaries MiB) by depth; last column: activation MiB per extra layer",
+            f"{'remat':<14} " + " ".join(f"{d:>18}" for d in depths) + f" {'MiB/layer':>10}"]
+    for remat in report["settings"]["remats"]:
+        cells = []
+        for d in depths:
+            r = next(r for r in report["results"] if r["remat"] == remat and r["num_layers"] == d)
+            cells.append(f"{r['peak'] / MIB:9.1f} ({r['temporaries'] / MIB:6.1f})")
+        slope = report["temporaries_per_layer_bytes"].get(remat)
+        rows.append(f"{remat:<14} " + " ".join(f"{c:>18}" for c in cells)
+                    + (f" {slope / MIB:>10.2f}" if slope is not None else ""))
+    env = report["environment"]
+    rows.append(f"{report['date']}, {env['device_count']} x {env['device_kind']}, "
+                f"jax {env['jax']}, batch {report['settings']['batch']} x "
+                f"{report['settings']['seq_len']} tokens, CLA{report['settings']['kv_sharing']}")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    report = run(args)
+    out = write_results(report, args.out)
+    print(table(report))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
