@@ -121,3 +121,24 @@ def test_capacity_counts_cached_tokens_from_the_cache_shapes(pattern, ratio):
     assert report["cla"]["max_cached_tokens"] == budget // per_token
     assert report["cla"]["max_batch_at_context"] == budget // (per_token * context)
     assert report["capacity_ratio"] == pytest.approx(ratio, rel=1e-3)
+
+
+@pytest.mark.parametrize("pattern", ["cla2", "nonuniform"])
+def test_decode_loop_writes_the_cache_in_place(pattern):
+    """Each step writes only the new token's K/V: the compiled program copies no stage cache,
+    except once when the empty cache is created (the old xs -> ys scan copied every stage's
+    cache twice per step, for K and for V)."""
+    from cla_jax import decoding, sharding
+
+    config = make_config(pattern, "mqa", max_seq_len=48)
+    params = make_params(config)
+    prompts, lengths = np.ones((3, 8), np.int32), np.full((3,), 8, np.int32)
+    key = np.asarray(jax.random.key_data(jax.random.key(0)))
+    hlo = decoding._generate.lower(config, 16, Sampling(temperature=0), -1, "float32",
+                                   sharding.single_device_mesh(), params, prompts, lengths,
+                                   key).compile().as_text()
+    stage_shapes = {f"f32[{groups},3,24,1,12]" for _, groups in config.stages}
+    copies = [line for line in hlo.splitlines() if " copy(" in line
+              and any(shape in line.split("copy(")[0] for shape in stage_shapes)]
+    # At most the one-off copies that materialise the zero-initialised K and V of each stage.
+    assert len(copies) <= 2 * len(config.stages), "\n".join(copies)

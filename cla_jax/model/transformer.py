@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cla_jax.cache import KVCache, StageCache
+from cla_jax.cache import CACHE_AXES, KVCache, StageCache
 from cla_jax.config import ModelConfig
 from cla_jax.model.attention import attend
 from cla_jax.model.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, projection
@@ -26,11 +26,14 @@ REMAT_POLICIES = {
 }
 
 
-def write_cache(cache_BSKH: jax.Array, new_BTKH: jax.Array, positions_BT: jax.Array):
-    """Writes each token's K or V at its position; positions past the end are dropped."""
-    rows_B1 = jnp.arange(cache_BSKH.shape[0])[:, None]
-    return cache_BSKH.at[rows_B1, positions_BT].set(new_BTKH.astype(cache_BSKH.dtype),
-                                                     mode="drop")
+def write_cache(cache_GBSKH: jax.Array, group: jax.Array, new_BTKH: jax.Array,
+                positions_BT: jax.Array):
+    """Writes each token's K or V into group `group` of a stage's cache, at the token's
+    position; positions past the end are dropped. Only the new tokens are written: the stage
+    cache is the scan's carry, so XLA updates it in place instead of copying it per step."""
+    rows_B1 = jnp.arange(cache_GBSKH.shape[1])[:, None]
+    return cache_GBSKH.at[group, rows_B1, positions_BT].set(
+        new_BTKH.astype(cache_GBSKH.dtype), mode="drop")
 
 
 class DecoderLayer(nn.Module):
@@ -42,7 +45,7 @@ class DecoderLayer(nn.Module):
     causal_only: bool
 
     @nn.compact
-    def __call__(self, x_BTD, kv, cache_kv, mask_BTS, positions_BT):
+    def __call__(self, x_BTD, kv, cache_kv, group, mask_BTS, positions_BT):
         cfg = self.config
         h_BTD = RMSNorm(cfg, name="attn_norm")(x_BTD)
         if self.produces_kv:
@@ -55,9 +58,11 @@ class DecoderLayer(nn.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
             axes = ("batch", "length", "kv_heads", "head_dim")
             if cache_kv is not None:
-                cache_kv = tuple(constrain(write_cache(c, new, positions_BT), axes)
+                cache_kv = tuple(constrain(write_cache(c, group, new, positions_BT), CACHE_AXES)
                                  for c, new in zip(cache_kv, (k_BTKH, v_BTKH)))
-                k_BTKH, v_BTKH = (c.astype(k_BTKH.dtype) for c in cache_kv)
+                k_BTKH, v_BTKH = (
+                    jax.lax.dynamic_index_in_dim(c, group, keepdims=False).astype(k_BTKH.dtype)
+                    for c in cache_kv)
             kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
 
         q_BTNH = projection(cfg, (cfg.num_heads, cfg.head_dim), -1,
@@ -79,14 +84,16 @@ class CLAGroup(nn.Module):
     causal_only: bool
 
     @nn.compact
-    def __call__(self, x_BTD, cache_kv, mask_BTS, positions_BT):
+    def __call__(self, carry, mask_BTS, positions_BT):
+        """carry: (x [B, T, D], the stage's (K, V) cache or None, this group's index)."""
+        x_BTD, cache_kv, group = carry
         kv = None
         for i in range(self.group_size):
             x_BTD, kv, cache_kv = DecoderLayer(
                 self.config, produces_kv=i == 0, separate_kv_norm=self.group_size > 1,
                 causal_only=self.causal_only, name=f"layer_{i}",
-            )(x_BTD, kv, cache_kv, mask_BTS, positions_BT)
-        return x_BTD, cache_kv
+            )(x_BTD, kv, cache_kv, group, mask_BTS, positions_BT)
+        return (x_BTD, cache_kv, group + 1), None
 
 
 def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_only: bool,
@@ -97,7 +104,7 @@ def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_
         group = nn.remat(CLAGroup, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
     return nn.scan(
         group, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast), length=num_groups,
+        in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(config, group_size, causal_only, name=name)
 
@@ -141,9 +148,9 @@ class Transformer(nn.Module):
         new_stages = []
         for s, (group_size, num_groups) in enumerate(cfg.stages):
             stage_kv = None if cache is None else (cache.stages[s].key, cache.stages[s].value)
-            x_BTD, stage_kv = scanned_stage(cfg, group_size, num_groups, causal_only,
-                                            name=f"stage_{s}")(x_BTD, stage_kv, mask_BTS,
-                                                               positions_BT)
+            (x_BTD, stage_kv, _), _ = scanned_stage(
+                cfg, group_size, num_groups, causal_only, name=f"stage_{s}")(
+                    (x_BTD, stage_kv, jnp.int32(0)), mask_BTS, positions_BT)
             if cache is not None:
                 new_stages.append(StageCache(*stage_kv))
 
