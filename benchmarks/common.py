@@ -63,6 +63,19 @@ def model_from_config_file(path: str) -> ModelConfig:
     return ModelConfig.from_dict(module.get_config().model)
 
 
+def provenance(report: dict) -> str:
+    """The line under a printed table: date, devices, jax version."""
+    env = report["environment"]
+    return f"{report['date']}, {env['device_count']} x {env['device_kind']}, jax {env['jax']}"
+
+
+def publish(report: dict, table: str, out: str | None = None) -> None:
+    """Writes the results file and prints the table and where the file went."""
+    path = write_results(report, out)
+    print(table)
+    print(f"wrote {path}")
+
+
 def write_results(report: dict, out: str | None = None) -> pathlib.Path:
     """Writes `report` (with its "benchmark" and "date") as JSON; returns the path."""
     path = pathlib.Path(out) if out else (

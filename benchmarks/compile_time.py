@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
-from benchmarks.common import environment, today, write_results  # noqa: E402
+from benchmarks.common import environment, provenance, publish, today  # noqa: E402
 from cla_jax import ModelConfig, Transformer, abstract_params  # noqa: E402
 from cla_jax.config import REMAT_POLICIES  # noqa: E402
 
@@ -238,18 +238,14 @@ def table(report) -> str:
                 f"of the minima {d['compile_of_min']:.2f}x; "
                 f"lower {d['lower']:.2f}x; lower+compile {d['lower_plus_compile']:.2f}x; "
                 f"HLO size {d['program_lines']:.2f}x")
-    env = report["environment"]
-    rows.append(f"{report['date']}, {env['device_count']} x {env['device_kind']}, "
-                f"jax {env['jax']}, median of {report['settings']['repeats']}")
+    rows.append(f"{provenance(report)}, median of {report['settings']['repeats']}")
     return "\n".join(rows)
 
 
 def main(argv=None):
     args = parse_args(argv)
     report = run(args)
-    out = write_results(report, args.out)
-    print(table(report))
-    print(f"wrote {out}")
+    publish(report, table(report), args.out)
 
 
 if __name__ == "__main__":

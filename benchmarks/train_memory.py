@@ -24,7 +24,7 @@ import jax
 import ml_collections
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
-from benchmarks.common import environment, today, write_results  # noqa: E402
+from benchmarks.common import environment, provenance, publish, today  # noqa: E402
 from benchmarks.compile_time import BASE_MODEL  # noqa: E402
 from cla_jax import ModelConfig, sharding  # noqa: E402
 from cla_jax.config import REMAT_POLICIES  # noqa: E402
@@ -128,19 +128,16 @@ def table(report) -> str:
         slope = report["temporaries_per_layer_bytes"].get(remat)
         rows.append(f"{remat:<14} " + " ".join(f"{c:>18}" for c in cells)
                     + (f" {slope / MIB:>10.2f}" if slope is not None else ""))
-    env = report["environment"]
-    rows.append(f"{report['date']}, {env['device_count']} x {env['device_kind']}, "
-                f"jax {env['jax']}, batch {report['settings']['batch']} x "
-                f"{report['settings']['seq_len']} tokens, CLA{report['settings']['kv_sharing']}")
+    settings = report["settings"]
+    rows.append(f"{provenance(report)}, batch {settings['batch']} x {settings['seq_len']} "
+                f"tokens, CLA{settings['kv_sharing']}")
     return "\n".join(rows)
 
 
 def main(argv=None):
     args = parse_args(argv)
     report = run(args)
-    out = write_results(report, args.out)
-    print(table(report))
-    print(f"wrote {out}")
+    publish(report, table(report), args.out)
 
 
 if __name__ == "__main__":
