@@ -4,13 +4,13 @@
     python eval.py --workdir=workdir/demo --step=400 --split=train
 """
 import json
-import pathlib
 
 import jax
 from absl import flags, logging
 
 from cla_jax import cli
 from cla_jax.evaluation import evaluate_checkpoint
+from cla_jax.storage import as_path
 
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest usable one).")
 flags.DEFINE_enum("split", "validation", ["validation", "train"], "Split to evaluate.")
@@ -25,8 +25,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     results = evaluate_checkpoint(FLAGS.workdir, FLAGS.cache_dir, FLAGS.step, FLAGS.split,
                                   FLAGS.batch_size, cli.mesh_spec())
-    step, workdir = results["step"], pathlib.Path(FLAGS.workdir).expanduser()
-    output = pathlib.Path(FLAGS.output or workdir / f"eval_{FLAGS.split}_{step}.json")
+    step, workdir = results["step"], as_path(FLAGS.workdir)
+    output = as_path(FLAGS.output or workdir / f"eval_{FLAGS.split}_{step}.json")
     if jax.process_index() == 0:
         output.write_text(json.dumps(results, indent=2) + "\n")
         print(f"step {step} {FLAGS.split}: {results['tokens']:,} tokens, "

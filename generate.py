@@ -4,7 +4,6 @@
     python generate.py --workdir=workdir/demo --prompt_file=prompts.txt --temperature=0
     python generate.py --random_init --config=configs/default.py --prompt="x"   # smoke test
 """
-import pathlib
 import time
 
 import jax
@@ -17,9 +16,10 @@ from ml_collections import config_flags
 from cla_jax import checkpoint, cli, sharding
 from cla_jax.cache import kv_bytes
 from cla_jax.config import ModelConfig, kv_bytes_per_token
-from cla_jax.data.corpus import prepare_corpus
+from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.decoding import Sampling, generate
 from cla_jax.model import abstract_params, init_params
+from cla_jax.storage import as_path
 
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
 flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
@@ -43,7 +43,7 @@ def main(argv):
     texts = list(FLAGS.prompt)
     if FLAGS.prompt_file:
         texts += [line.rstrip("\n") for line in
-                  pathlib.Path(FLAGS.prompt_file).read_text(encoding="utf-8").splitlines()]
+                  as_path(FLAGS.prompt_file).read_text(encoding="utf-8").splitlines()]
     if not texts or any(not t for t in texts):
         raise ValueError("give at least one non-empty --prompt or a --prompt_file")
     if FLAGS.random_init:
@@ -56,15 +56,12 @@ def main(argv):
     else:
         if FLAGS.workdir is None:
             raise ValueError("give --workdir (a training run) or --random_init --config=...")
-        ckpt_dir = pathlib.Path(FLAGS.workdir).expanduser() / "checkpoints"
+        ckpt_dir = as_path(FLAGS.workdir) / "checkpoints"
         step, meta = checkpoint.read_meta(ckpt_dir, FLAGS.step)
         config = ml_collections.ConfigDict(meta["config"])
         model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(config)
         params = checkpoint.restore_params_onto(ckpt_dir, step, model, mesh)
-    tokenizer = prepare_corpus(config.data, FLAGS.cache_dir).tokenizer
-    if tokenizer.vocab_size > model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.vocab_size}: the checkpoint was made with another tokenizer")
+    tokenizer = corpus_tokenizer(config.data, FLAGS.cache_dir, max_vocab_size=model.vocab_size)
     prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
     sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     rng = jax.random.key(FLAGS.seed)

@@ -7,16 +7,17 @@ message: such steps are skipped here, with a clear line, and never deleted.
 """
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import linen as nn
 
 from cla_jax import sharding
+from cla_jax.storage import as_path
 from cla_jax.model import abstract_params
 
 ITEMS = ("params", "opt_state", "meta")
@@ -26,14 +27,14 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message says which and what to do."""
 
 
-def _manager(directory: pathlib.Path, keep: int | None = None, read_only: bool = False):
+def _manager(directory: epath.Path, keep: int | None = None, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=not read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
-def _step_problem(step_dir: pathlib.Path) -> str | None:
+def _step_problem(step_dir: epath.Path) -> str | None:
     """Why this step directory cannot be a checkpoint of ours, or None if it looks whole."""
     missing = [item for item in ITEMS if not (step_dir / item).is_dir()
                or not any((step_dir / item).iterdir())]
@@ -42,9 +43,9 @@ def _step_problem(step_dir: pathlib.Path) -> str | None:
     return None
 
 
-def good_steps(directory: str | pathlib.Path) -> list[int]:
+def good_steps(directory: epath.PathLike) -> list[int]:
     """Steps that look complete, newest last; reports every directory it skips."""
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     if not directory.is_dir():
         return []
     for tmp in sorted(directory.glob("*.orbax-checkpoint-tmp*")):
@@ -65,8 +66,8 @@ def good_steps(directory: str | pathlib.Path) -> list[int]:
 class Checkpointer:
     """Saves and restores a run's state under `<workdir>/checkpoints`."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 2):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: epath.PathLike, keep: int = 2):
+        self.directory = as_path(directory)
         self._manager = _manager(self.directory, keep)
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
@@ -98,9 +99,9 @@ class Checkpointer:
         self._manager.close()
 
 
-def read_meta(directory: str | pathlib.Path, step: int | None = None) -> tuple[int, dict]:
+def read_meta(directory: epath.PathLike, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of a step (default: the latest good one) without touching arrays."""
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     steps = good_steps(directory)
     if not steps:
         raise CheckpointError(f"no usable checkpoint in {directory}; train first, or point "
@@ -115,23 +116,23 @@ def read_meta(directory: str | pathlib.Path, step: int | None = None) -> tuple[i
     return step, meta
 
 
-def restore_params(directory: str | pathlib.Path, step: int, abstract_params):
+def restore_params(directory: epath.PathLike, step: int, abstract_params):
     """Only the params of `step` (eval, generate), placed like `abstract_params`."""
-    manager = _manager(pathlib.Path(directory).absolute(), read_only=True)
+    manager = _manager(as_path(directory), read_only=True)
     params = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params))).params
     manager.close()
     return params
 
 
-def restore_params_onto(directory: str | pathlib.Path, step: int, config, mesh):
+def restore_params_onto(directory: epath.PathLike, step: int, config, mesh):
     """The params of `step` for model `config`, sharded onto `mesh` by the rule table."""
     boxed = abstract_params(config)
     target = sharding.with_shardings(nn.meta.unbox(boxed), sharding.param_shardings(boxed, mesh))
     return restore_params(directory, step, target)
 
 
-def check_same_model(saved: dict, current: dict, where: pathlib.Path) -> None:
+def check_same_model(saved: dict, current: dict, where: epath.Path) -> None:
     """Refuses to resume a run whose checkpoint was made for a different model."""
     diffs = [f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}"
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]

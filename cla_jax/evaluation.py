@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Callable, Iterable
 
 import jax
@@ -13,7 +12,8 @@ from tqdm import tqdm
 from cla_jax import checkpoint, sharding
 from cla_jax.config import ModelConfig, kv_bytes_per_token, num_params
 from cla_jax.data import eval_batches, num_eval_batches
-from cla_jax.data.corpus import prepare_corpus, unigram_perplexity
+from cla_jax.data.corpus import prepare_corpus
+from cla_jax.storage import as_path
 from cla_jax.train.step import make_eval_step
 
 
@@ -39,14 +39,14 @@ def evaluate_checkpoint(workdir, cache_dir, step: int | None = None, split: str 
     """eval.py's work: a run's checkpoint (default: latest) over a whole split, with the
     model's size, KV bytes/token and the split's unigram perplexity. mesh_spec None = the
     run's config.mesh."""
-    ckpt_dir = pathlib.Path(workdir).expanduser() / "checkpoints"
+    ckpt_dir = as_path(workdir) / "checkpoints"
     step, meta = checkpoint.read_meta(ckpt_dir, step)
     config = ml_collections.ConfigDict(meta["config"])
     model = ModelConfig.from_dict(config.model)
     mesh = sharding.make_mesh(mesh_spec or config.get("mesh"))
     seq_len, batch = config.train.seq_len, batch_size or config.train.batch_size
     sharding.check_batch(batch, mesh, "the eval batch size (--batch_size)")
-    corpus = prepare_corpus(config.data, cache_dir)
+    corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
     eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
     params = checkpoint.restore_params_onto(ckpt_dir, step, model, mesh)
     stream = corpus.validation if split == "validation" else corpus.train
@@ -55,6 +55,5 @@ def evaluate_checkpoint(workdir, cache_dir, step: int | None = None, split: str 
                        num_eval_batches(stream, seq_len, batch))
     results.update(step=step, split=split, mesh=dict(mesh.shape), params=num_params(model),
                    kv_bytes_per_token=kv_bytes_per_token(model),
-                   unigram_perplexity=unigram_perplexity(corpus.train, stream,
-                                                         corpus.tokenizer.vocab_size))
+                   unigram_perplexity=corpus.unigram_perplexity(split))
     return results

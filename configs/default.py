@@ -26,9 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
     # (or processes). On one device every axis is 1.
     config.mesh = ml_collections.ConfigDict(dict(
         data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    # Data (cla_jax/data/corpus.py): tokenized once into a token store under data_dir, reused by
+    # every later run. source: "shakespeare", "files:<glob>" (.txt, .jsonl[.gz|.zst], .parquet;
+    # local or gs://) or "tfds:<name>".
     config.data = ml_collections.ConfigDict(dict(
-        source="shakespeare",  # or "files:<glob>" or "tfds:<name>"; see cla_jax/data/corpus.py
-        name="shakespeare", data_dir="", tokenizer="bpe:4096", validation_fraction=0.1,
-        train_split="train", validation_split="validation",
+        source="shakespeare", validation_source="", text_field="text",
+        train_split="train", validation_split="validation", validation_fraction=0.1,
+        tokenizer="bpe:4096", tokenizer_sample_bytes=100_000_000,
+        name="shakespeare", data_dir="", prepare_workers=0,
     ))
     return config

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from cla_jax.data import packing, pipeline, shakespeare, text_dataset, tokenizer
+from cla_jax.data import packing, pipeline, shakespeare, sources, text_dataset, tokenizer
 from cla_jax.data.tokenizer import BOS_ID, PAD_ID
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +233,6 @@ def test_tfds_round_trip_and_idempotent_rebuild(corpus):
 
 def test_tfds_dataset_reads_in_a_fresh_process_with_tfds_alone(corpus):
     data_dir, name, documents, _ = corpus
-    pipeline.token_stream(data_dir, name, "validation", tokenizer.ByteTokenizer())  # Adds caches.
     reader = (
         "import json, sys, tensorflow_datasets as tfds\n"
         f"source = tfds.data_source({name!r}, split='validation', data_dir={str(data_dir)!r})\n"
@@ -254,8 +253,8 @@ def test_tfds_dataset_reads_in_a_fresh_process_with_tfds_alone(corpus):
 def test_missing_datasets_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="run build_text_dataset first"):
         text_dataset.load_documents(tmp_path, "absent", "train")
-    with pytest.raises(FileNotFoundError, match="no TFDS dataset 'no_such_dataset_xyz'"):
-        text_dataset.hub_documents("no_such_dataset_xyz", "train", tmp_path)
+    with pytest.raises(sources.SourceError, match="no TFDS dataset 'no_such_dataset_xyz'"):
+        sources.plan("tfds:no_such_dataset_xyz", data_dir=tmp_path)
     with pytest.raises(ValueError, match="must match"):
         text_dataset.build_text_dataset({"a": "x", "b": "y"}, tmp_path, name="Bad-Name")
 
@@ -353,22 +352,7 @@ def test_hf_tokenizer_json(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token streams and packing (pipeline.py, packing.py).
-
-def test_token_stream_is_bos_separated_documents_and_cached(corpus, monkeypatch):
-    data_dir, name, documents, _ = corpus
-    tok = tokenizer.ByteTokenizer()
-    names = text_dataset.split_document_names(list(documents), validation_fraction=0.25)["train"]
-    stream = pipeline.token_stream(data_dir, name, "train", tok)
-    expected = np.concatenate([[BOS_ID] + tok.encode(documents[n]) for n in names])
-    assert stream.dtype == np.int32 and np.array_equal(stream, expected)
-
-    def no_encoding(text):
-        raise AssertionError("the cached stream must be reused")
-
-    monkeypatch.setattr(tok, "encode", no_encoding)
-    assert np.array_equal(pipeline.token_stream(data_dir, name, "train", tok), expected)
-
+# Packing and iterators (pipeline.py, packing.py).
 
 def _reference_packing(stream, k, seq_len):
     """Window k, the slow obvious way."""

@@ -16,6 +16,7 @@ from cla_jax.data import eval_batches
 from cla_jax.data.corpus import prepare_corpus
 from cla_jax.evaluation import evaluate
 from cla_jax.model import Transformer, abstract_params, init_params
+from cla_jax.storage import as_path
 from cla_jax.train.loop import NonFiniteLossError, train_and_evaluate
 from cla_jax.train.step import make_eval_step
 from configs import default
@@ -43,7 +44,7 @@ def losses(workdir):
 
 def final_params(workdir, config, step):
     model = ModelConfig.from_dict(config.model)
-    return checkpoint.restore_params(pathlib.Path(workdir) / "checkpoints", step,
+    return checkpoint.restore_params(as_path(workdir) / "checkpoints", step,
                                      nn.meta.unbox(abstract_params(model)))
 
 
@@ -135,7 +136,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, cor
 
 def test_missing_corpus_is_one_clear_error(tmp_path, corpus_glob):
     config = tiny_config(f"files:{tmp_path}/nothing/*.txt")
-    with pytest.raises(FileNotFoundError, match="no file matches"):
+    with pytest.raises(ValueError, match="matches no file"):
         train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
     assert not (tmp_path / "run").exists()
 

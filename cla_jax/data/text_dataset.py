@@ -19,50 +19,10 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-TRAIN = "train"
-VALIDATION = "validation"
+from cla_jax.data.sources import TRAIN, VALIDATION, split_document_names
+
 DATASET_VERSION = "1.0.0"
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def _name_rank(name: str) -> str:
-    return hashlib.sha256(name.encode("utf-8")).hexdigest()
-
-
-def split_document_names(
-    names: Sequence[str],
-    validation_fraction: float = 0.1,
-    validation_names: Sequence[str] | None = None,
-) -> dict[str, list[str]]:
-    """Assigns whole documents to 'train' / 'validation'; each list sorted by name.
-
-    Without `validation_names`, the round(fraction * n) documents (at least one) whose names
-    hash lowest go to validation: stable across runs and machines, independent of input order.
-    """
-    names = sorted(names)
-    if len(set(names)) != len(names):
-        raise ValueError("document names must be unique")
-    if validation_names is not None:
-        unknown = sorted(set(validation_names) - set(names))
-        if unknown:
-            raise ValueError(f"validation_names not among the documents: {unknown}")
-        validation = set(validation_names)
-    else:
-        if not 0.0 < validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-        count = max(1, round(validation_fraction * len(names)))
-        validation = set(sorted(names, key=_name_rank)[:count])
-    splits = {
-        TRAIN: [n for n in names if n not in validation],
-        VALIDATION: [n for n in names if n in validation],
-    }
-    for split, members in splits.items():
-        if not members:
-            raise ValueError(
-                f"the {split!r} split would hold no document ({len(names)} documents in all); "
-                "give more documents or change validation_fraction / validation_names"
-            )
-    return splits
 
 
 def _fingerprint(documents: Mapping[str, str], splits: Mapping[str, Sequence[str]]) -> str:
@@ -193,30 +153,3 @@ def load_documents(
 ) -> Sequence[str]:
     """The texts (or, with key="name", the names) of a prepared split, in stored order."""
     return TextColumn(_open_source(name, split, data_dir, download=False), key)
-
-
-def hub_documents(
-    name: str, split: str, data_dir: str | pathlib.Path, text_key: str = "text"
-) -> Sequence[str]:
-    """Random-access texts of any TFDS catalogue dataset, prepared on first use (network).
-
-    E.g. "lm1b", "c4/en", "pg19", "wiki40b/en", "huggingface:<hub name>". Preparing some of
-    them needs packages this project does not ship (TensorFlow or apache-beam for some
-    builders, Hugging Face `datasets` for "huggingface:"); reading prepared array_record files
-    needs none. Download and preparation errors surface as one RuntimeError line.
-    """
-    try:
-        source = _open_source(name, split, data_dir, download=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # Download/prepare failures come in many types; keep one line.
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        raise RuntimeError(
-            f"could not prepare TFDS dataset {name!r} split {split!r} in {data_dir}: "
-            f"{type(error).__name__}: {first_line}"
-        ) from error
-    if len(source) and text_key not in source[0]:
-        raise KeyError(
-            f"TFDS dataset {name!r} has no feature {text_key!r}; it has {sorted(source[0])}"
-        )
-    return TextColumn(source, text_key)

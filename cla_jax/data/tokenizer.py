@@ -18,11 +18,12 @@ import abc
 import hashlib
 import io
 import json
-import pathlib
+import os
 import re
 from collections.abc import Callable, Iterable
 
 import numpy as np
+from etils import epath
 
 PAD_ID = 0
 BOS_ID = 1
@@ -49,6 +50,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, without any special id."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text."""
+        return [self.encode(text) for text in texts]
 
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
@@ -88,16 +93,59 @@ def _short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
+MAX_CHUNK_CHARS = 8192
+_PARAGRAPH_END = re.compile(r"(?<=\n\n)")
+
+
+def text_chunks(text: str) -> list[str]:
+    """`text` cut after each blank line, and anything longer than MAX_CHUNK_CHARS after its last
+    newline within the limit (else at the limit).
+
+    Training and encoding cut text the same way: no learned piece spans a cut, so encoding the
+    chunks equals encoding the whole, and texts without blank lines (one sentence per line) or
+    with huge lines still train (SentencePiece drops any "sentence" over its length limit).
+    """
+    chunks = []
+    for paragraph in _PARAGRAPH_END.split(text):
+        while len(paragraph) > MAX_CHUNK_CHARS:
+            cut = paragraph.rfind("\n", 0, MAX_CHUNK_CHARS) + 1 or MAX_CHUNK_CHARS
+            chunks.append(paragraph[:cut])
+            paragraph = paragraph[cut:]
+        if paragraph:
+            chunks.append(paragraph)
+    return chunks
+
+
 def _training_chunks(texts: Iterable[str]) -> Iterable[str]:
-    # SentencePiece trains on "sentences"; paragraphs keep their newlines, so pieces such as
-    # ",\n" can be learned, and stay short enough for its sentence length limit.
     for text in texts:
-        for paragraph in re.split(r"(?<=\n\n)", text):
-            if paragraph:
-                yield paragraph
+        yield from text_chunks(text)
 
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def _train_sentencepiece(texts: Iterable[str], vocab_size: int, model_writer) -> None:
+    import sentencepiece  # noqa: PLC0415
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_chunks(texts)),
+        model_writer=model_writer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        # Exact round trip: no normalisation, no whitespace rewriting, no dummy space in
+        # front (that would also add a byte to token_bytes that the text does not have).
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        byte_fallback=True,
+        character_coverage=1.0,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=NUM_SPECIAL_IDS,
+        max_sentence_length=1 << 16,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        minloglevel=2,
+    )
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -112,44 +160,39 @@ class SentencePieceTokenizer(Tokenizer):
         native = sp.pad_id() == PAD_ID and sp.bos_id() == BOS_ID and sp.eos_id() == EOS_ID
         self._offset = 0 if native else NUM_SPECIAL_IDS
         self._identity = f"spm{sp.get_piece_size()}-{_short_hash(model_proto)}"
+        self._model_proto = model_proto
+
+    def __reduce__(self):  # picklable for the worker processes that build token stores
+        return type(self), (self._model_proto,)
 
     @classmethod
-    def load(cls, model_path: str | pathlib.Path) -> "SentencePieceTokenizer":
-        return cls(pathlib.Path(model_path).read_bytes())
+    def load(cls, model_path: epath.PathLike) -> "SentencePieceTokenizer":
+        return cls(epath.Path(model_path).read_bytes())
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int, model_path: str | pathlib.Path
+        cls, texts: Iterable[str], vocab_size: int, model_path: epath.PathLike
     ) -> "SentencePieceTokenizer":
         """Trains a byte-fallback BPE on `texts` (the train split) unless `model_path` exists."""
-        import sentencepiece
-
-        model_path = pathlib.Path(model_path)
+        model_path = epath.Path(model_path)
         if model_path.exists():
             return cls.load(model_path)
         model = io.BytesIO()
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(_training_chunks(texts)),
-            model_writer=model,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            # Exact round trip: no normalisation, no whitespace rewriting, no dummy space in
-            # front (that would also add a byte to token_bytes that the text does not have).
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            byte_fallback=True,
-            character_coverage=1.0,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=NUM_SPECIAL_IDS,
-            max_sentence_length=1 << 16,
-            input_sentence_size=2_000_000,
-            shuffle_input_sentence=True,
-            minloglevel=2,
-        )
+        try:
+            _train_sentencepiece(texts, vocab_size, model)
+        except RuntimeError as error:
+            if "sentences_.empty()" in str(error):
+                raise ValueError(f"tokenizer bpe:{vocab_size}: no training text (the train "
+                                 "split is empty or all whitespace)") from None
+            if "Vocabulary size too high" not in str(error):
+                raise
+            limit = re.search(r"<= (\d+)", str(error))
+            raise ValueError(
+                f"tokenizer bpe:{vocab_size}: its training text only supports "
+                f"{limit.group(1) if limit else 'fewer'} tokens; lower the vocabulary size or "
+                "train on more text (data.tokenizer_sample_bytes)") from None
         model_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = model_path.with_suffix(".partial")
+        partial = model_path.parent / f"{model_path.name}.partial-{os.getpid()}"
         partial.write_bytes(model.getvalue())
         partial.replace(model_path)  # Atomic: a killed run never leaves half a model.
         return cls(model.getvalue())
@@ -163,8 +206,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self._identity
 
     def encode(self, text: str) -> list[int]:
-        ids = self._processor.encode(text)
-        return [i + self._offset for i in ids] if self._offset else ids
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        batch = self._processor.encode(texts)
+        return [[i + self._offset for i in ids] for ids in batch] if self._offset else batch
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._processor.decode(
@@ -209,7 +255,7 @@ class HFTokenizer(Tokenizer):
     decoder inserts between words.
     """
 
-    def __init__(self, json_path: str | pathlib.Path):
+    def __init__(self, json_path: epath.PathLike):
         try:
             import tokenizers
         except ImportError:
@@ -217,11 +263,14 @@ class HFTokenizer(Tokenizer):
                 f"{json_path}: loading a tokenizer.json needs the `tokenizers` package: "
                 "pip install tokenizers"
             ) from None
-        json_path = pathlib.Path(json_path)
-        raw = json_path.read_bytes()
+        self._json_path = json_path
+        raw = epath.Path(json_path).read_bytes()
         self._tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         self._spec = json.loads(raw)
         self._identity = f"hf{self._tokenizer.get_vocab_size()}-{_short_hash(raw)}"
+
+    def __reduce__(self):
+        return type(self), (self._json_path,)
 
     @property
     def vocab_size(self) -> int:
@@ -232,8 +281,11 @@ class HFTokenizer(Tokenizer):
         return self._identity
 
     def encode(self, text: str) -> list[int]:
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return [i + NUM_SPECIAL_IDS for i in ids]
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        batch = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [[i + NUM_SPECIAL_IDS for i in encoding.ids] for encoding in batch]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(
@@ -265,7 +317,7 @@ class HFTokenizer(Tokenizer):
 def load_tokenizer(
     spec: str,
     *,
-    cache_dir: str | pathlib.Path | None = None,
+    cache_dir: epath.PathLike | None = None,
     training_texts: Callable[[], Iterable[str]] | None = None,
 ) -> Tokenizer:
     """Builds a tokenizer from a string spec.
@@ -282,7 +334,7 @@ def load_tokenizer(
         vocab_size = int(match.group(1))
         if cache_dir is None:
             raise ValueError(f"tokenizer {spec!r} needs a cache_dir to keep the trained model in")
-        model_path = pathlib.Path(cache_dir) / f"bpe{vocab_size}.model"
+        model_path = epath.Path(cache_dir) / f"bpe{vocab_size}.model"
         if not model_path.exists() and training_texts is None:
             raise ValueError(
                 f"tokenizer {spec!r}: {model_path} does not exist and no training texts were given"
@@ -290,7 +342,7 @@ def load_tokenizer(
         texts = training_texts() if not model_path.exists() else ()
         return SentencePieceTokenizer.train(texts, vocab_size, model_path)
     if spec.endswith((".model", ".json")):
-        path = pathlib.Path(spec).expanduser()
+        path = epath.Path(spec).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         return SentencePieceTokenizer.load(path) if spec.endswith(".model") else HFTokenizer(path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import pathlib
 import signal
 import time
 
@@ -13,6 +12,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cla_jax import checkpoint, evaluation, sharding
+from cla_jax.storage import as_path
 from cla_jax.config import (
     ConfigError,
     ModelConfig,
@@ -55,13 +55,6 @@ def check_train_config(train, model: ModelConfig, mesh) -> None:
                           f"({model.max_seq_len})")
 
 
-def check_tokenizer(model: ModelConfig, corpus: Corpus) -> None:
-    if corpus.tokenizer.vocab_size > model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but model.vocab_size is "
-            f"{model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
-
-
 class _StopOnSigterm:
     """SIGTERM (preemption, Ctrl-C from a scheduler) asks the loop to checkpoint and exit.
 
@@ -99,7 +92,7 @@ def validation_metrics(eval_step, params, corpus: Corpus, train, mesh,
                                (sharding.global_batch(b, mesh) for b in batches), progress=False)
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pathlib.Path,
+def train_and_evaluate(config, workdir, cache_dir,
                        stop_at_step: int | None = None, devices=None):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
     validation metrics (on `train.eval_batches` batches).
@@ -108,7 +101,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
     follows train.steps, so a later call continues the same run.
     devices: the devices of the mesh `config.mesh` (default: all of them).
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = as_path(workdir)  # a local directory or gs://
     model = ModelConfig.from_dict(config.model)
     train = config.train
     mesh = sharding.make_mesh(config.get("mesh"), devices)
@@ -119,8 +112,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, cache_dir: str | pat
         saved = ModelConfig.from_dict(meta["config"]["model"]).to_dict()
         checkpoint.check_same_model(saved, model.to_dict(), workdir)
     check_train_config(train, model, mesh)
-    corpus = prepare_corpus(config.data, cache_dir)
-    check_tokenizer(model, corpus)
+    corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
     optimizer = make_optimizer(train)
     train_step = make_train_step(model, optimizer, train.grad_accum_steps, mesh)  # checks mesh
     eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
+from etils import epath
+
+from cla_jax.storage import is_remote
 
 # Dense bf16 peak FLOP/s per device, by jax's device_kind; MFU is reported where known.
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
@@ -22,13 +24,20 @@ def peak_flops(num_devices: int | None = None) -> float | None:
 
 class MetricsWriter:
     """Appends one JSON line per record to <workdir>/metrics.jsonl and mirrors scalars to
-    TensorBoard (<workdir>/tensorboard); only process 0 writes."""
+    TensorBoard (<workdir>/tensorboard); only process 0 writes. Cloud storage objects cannot
+    be appended to: there the file is rewritten whole at each write (one line per log
+    interval keeps it small)."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: epath.Path):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._path = workdir / "metrics.jsonl"
+        if is_remote(workdir):
+            self._jsonl = None
+            self._text = self._path.read_text() if self._path.exists() else ""
+        else:
+            self._jsonl = self._path.open("a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -38,14 +47,20 @@ class MetricsWriter:
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, "kind": kind, **values}) + "\n"
+        if self._jsonl is None:
+            self._text += line
+            self._path.write_text(self._text)
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
