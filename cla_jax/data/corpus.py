@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from cla_jax.data import sources
-from cla_jax.data.store import TokenStore, TokenStream, build_store, store_key
+from cla_jax.data.store import TokenStore, TokenStream, build_store, is_complete, store_key
 from cla_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 DATA_DEFAULTS = dict(
@@ -112,8 +112,12 @@ def corpus_tokenizer(data, cache_dir, plan: sources.Plan | None = None,
         sample = s["tokenizer_sample_bytes"]
         where = _data_dir(s, cache_dir) / "tokenizers" / f"{s['name']}-{plan.fingerprint[:16]}-" \
             f"sample{sample}"
-        tokenizer = load_tokenizer(spec, cache_dir=where, training_texts=lambda: (
-            sources.training_sample(plan, sample, **_read_kwargs(s, cache_dir))))
+
+        def training_texts():
+            sources.check_inputs(plan)
+            return sources.training_sample(plan, sample, **_read_kwargs(s, cache_dir))
+
+        tokenizer = load_tokenizer(spec, cache_dir=where, training_texts=training_texts)
     else:
         tokenizer = load_tokenizer(spec)
     _check_vocab(tokenizer.vocab_size, max_vocab_size, spec)
@@ -140,7 +144,10 @@ def prepare_corpus(data, cache_dir, max_vocab_size: int | None = None) -> Corpus
     tokenizer = corpus_tokenizer(data, cache_dir, plan, max_vocab_size) if index == 0 else None
     barrier("tokenizer ready")
     tokenizer = tokenizer or corpus_tokenizer(data, cache_dir, plan, max_vocab_size)
-    directory = _data_dir(s, cache_dir) / "stores" / f"{s['name']}-{store_key(plan, tokenizer)}"
+    key = store_key(plan, tokenizer)
+    directory = _data_dir(s, cache_dir) / "stores" / f"{s['name']}-{key}"
+    if not is_complete(directory, key):
+        sources.check_inputs(plan)  # before any shard is written
     store = build_store(directory, plan, tokenizer, workers=s["prepare_workers"],
                         process_index=index, process_count=count,
                         barrier=lambda: barrier("token store shards built"),

@@ -31,6 +31,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator, Sequence
 
 from etils import epath
@@ -120,16 +121,20 @@ def split_document_names(
     return splits
 
 
-def expand_glob(pattern: str) -> list[str]:
-    """Sorted files matching `pattern` (`**` recurses), on a local disk or gs://."""
+def list_files(pattern: str) -> list[tuple[str, int, int]]:
+    """(path, bytes, version: mtime or object generation) of the files matching `pattern` (`**` recurses), sorted by path,
+    on a local disk or gs:// (one listing: no request per file)."""
     if not is_remote(pattern):
-        return sorted(p for p in globlib.glob(str(epath.Path(pattern).expanduser()),
-                                              recursive=True) if epath.Path(p).is_file())
+        paths = globlib.glob(os.path.expanduser(pattern), recursive=True)
+        stats = [(p, os.stat(p)) for p in paths if os.path.isfile(p)]
+        return sorted((os.path.abspath(p), st.st_size, st.st_mtime_ns) for p, st in stats)
     import fsspec  # noqa: PLC0415 (epath's own backend for gs://; its glob refuses "**")
     fs, _ = fsspec.core.url_to_fs(pattern)
     protocol = pattern.split("://", 1)[0]
-    return sorted(f"{protocol}://{p}" for p, info in fs.glob(pattern, detail=True).items()
-                  if info.get("type") == "file")
+    found = fs.glob(pattern, detail=True).items()
+    return sorted((f"{protocol}://{p}", int(info.get("size") or 0),
+                   str(info.get("generation") or info.get("updated") or ""))
+                  for p, info in found if info.get("type") == "file")
 
 
 def _format(path: str) -> str:
@@ -140,14 +145,6 @@ def _format(path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Planning
-
-
-def _stat_fingerprint(paths: Sequence[str]) -> list:
-    rows = []
-    for path in paths:
-        info = epath.Path(path).stat()
-        rows.append([path, info.length, int(info.mtime or 0)])
-    return rows
 
 
 def _group_text_files(paths: Sequence[str], sizes: Sequence[int], split) -> list[Shard]:
@@ -165,13 +162,10 @@ def _group_text_files(paths: Sequence[str], sizes: Sequence[int], split) -> list
 
 def _file_shards(pattern: str, split: str | None, text_field: str, validation_fraction: float,
                  what: str) -> tuple[list, list]:
-    paths = expand_glob(pattern)
-    if not paths:
+    stats = list_files(pattern)
+    if not stats:
         raise SourceError(f"{what} {pattern!r} matches no file; give a glob of .txt, .jsonl"
                           "[.gz|.zst] or .parquet files, e.g. files:corpus/**/*.jsonl.zst")
-    stats = _stat_fingerprint(paths)
-    for path in paths:
-        check_file(path, text_field)
     text = {p: s for p, s, _ in stats if _format(p) == "text"}
     if split is None and len(text) > 1:  # one document per file: hold out whole files by rank
         split_of = {p: name for name, paths in split_document_names(
@@ -185,8 +179,17 @@ def _file_shards(pattern: str, split: str | None, text_field: str, validation_fr
     return shards, stats
 
 
+def check_inputs(plan_: Plan) -> None:
+    """Refuses, before anything is built, a jsonl/parquet file without the text field (one
+    read of each file's first record or schema)."""
+    for shard in plan_.shards:
+        for name in shard.inputs:
+            if not name.startswith(("shakespeare:", "tfds:")):
+                check_file(name, plan_.text_field)
+
+
 def check_file(path: str, text_field: str) -> None:
-    """Refuses, before anything is built, a jsonl/parquet file without the text field."""
+    """Refuses a jsonl/parquet file whose first record or schema lacks the text field."""
     kind = _format(path)
     if kind == "parquet":
         import pyarrow.parquet as pq  # noqa: PLC0415 (only for parquet sources)

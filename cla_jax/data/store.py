@@ -244,7 +244,7 @@ def build_store(directory: str | epath.Path, plan: Plan, tokenizer: Tokenizer, *
     directory, read_kwargs = epath.Path(directory), read_kwargs or {}
     key = store_key(plan, tokenizer)
     workers = workers or os.cpu_count() or 1
-    if not _whole(directory, key):
+    if not is_complete(directory, key):
         mine = [i for i in range(len(plan.shards)) if i % process_count == process_index]
         todo = _missing(directory, mine, key)
         if todo:
@@ -252,7 +252,7 @@ def build_store(directory: str | epath.Path, plan: Plan, tokenizer: Tokenizer, *
                          len(plan.shards))
         _build_shards(directory, todo, plan, tokenizer, key, workers, read_kwargs, progress)
     barrier()
-    if not _whole(directory, key):
+    if not is_complete(directory, key):
         todo = _missing(directory, range(len(plan.shards)), key)
         _build_shards(directory, todo, plan, tokenizer, key, workers, read_kwargs, progress)
         _finish(directory, plan, tokenizer, key)
@@ -265,7 +265,7 @@ def _missing(directory: epath.Path, indices, key: str) -> list[int]:
     return [i for i, record in zip(indices, records) if record is None]
 
 
-def _whole(directory: epath.Path, key: str) -> bool:
+def is_complete(directory: epath.Path, key: str) -> bool:
     """store.json is there, for this key, and every shard it lists is whole."""
     try:
         meta = json.loads((directory / "store.json").read_text())

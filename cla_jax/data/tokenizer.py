@@ -209,7 +209,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        batch = self._processor.encode(texts)
+        batch = self._processor.encode(texts, num_threads=1)  # parallel: worker processes
         return [[i + self._offset for i in ids] for ids in batch] if self._offset else batch
 
     def decode(self, ids: Iterable[int]) -> str:
