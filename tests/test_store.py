@@ -249,7 +249,7 @@ def test_damaged_shards_are_detected(tmp_path, monkeypatch):
     shard_file.write_bytes(bytes(flipped))
     assert rebuilt.verify() == ["00001.train.tokens"]
     shard_file.write_bytes(good[:-2])  # damaged under a running reader: one clear error
-    with pytest.raises(store.StoreError, match="00001.train.tokens is .* bytes, not"):
+    with pytest.raises(store.StoreError, match="00001.train.tokens is damaged \\(it is .* bytes, not"):
         np.asarray(store.TokenStore(tmp_path / "store").split("train"))
 
 
@@ -356,3 +356,33 @@ def test_training_batches_from_the_store_resume_bitwise(tmp_path, monkeypatch):
     for a, b in zip(take(resumed, 40), expected):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_prepare_command_builds_and_audits_the_store(tmp_path):
+    import subprocess
+    import sys
+
+    from test_multiprocess import write_config
+    from test_train import ROOT
+    from configs import default
+
+    pattern, _ = _write(tmp_path / "in", "jsonl", files=4, per_file=10)
+    config = default.get_config()
+    config.data.update(source=f"files:{pattern}", text_field="content", tokenizer="byte",
+                       data_dir=str(tmp_path / "d"), validation_fraction=0.3)
+    command = [sys.executable, "-m", "cla_jax.data.prepare",
+               f"--config={write_config(config, tmp_path / 'c.py')}", "--verify"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "every shard matches its crc32" in done.stdout
+    import re
+    documents = [int(n.replace(",", "")) for n in re.findall(r"(\d[\d,]*) documents", done.stdout)]
+    assert len(documents) == 2 and sum(documents) == 40  # train + validation: every row once
+    shard = next((tmp_path / "d").rglob("00001.train.tokens"))
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 1
+    shard.write_bytes(bytes(data))
+    damaged = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert damaged.returncode == 2
+    assert damaged.stderr.strip().splitlines()[-1].startswith(
+        "error: damaged shard files (crc32 mismatch): ['00001.train.tokens']")

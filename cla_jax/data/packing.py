@@ -38,17 +38,19 @@ def pack_windows(
 ) -> Batch:
     """Builds a batch [len(window_indices), seq_len] from window numbers (-1 = a padding row).
 
-    `stream` is anything that slices to an integer array: a numpy array or a store's
-    TokenStream. Each window is one contiguous read of seq_len + 1 tokens.
+    `stream` is anything that slices to an integer array: a numpy array, or a store's
+    TokenStream, which reads all the batch's windows (seq_len + 1 tokens each) in one call.
     """
     windows = np.asarray(window_indices, np.int64)
     tokens_BL1 = np.full((len(windows), seq_len + 1), pad_id, np.int32)
     lengths_B1 = np.zeros((len(windows), 1), np.int64)
-    for row, window in enumerate(windows):
-        if window >= 0:
-            chunk = stream[window * seq_len:(window + 1) * seq_len + 1]
-            tokens_BL1[row, :len(chunk)] = chunk
-            lengths_B1[row] = len(chunk)
+    rows = np.flatnonzero(windows >= 0)
+    ranges = [(int(w) * seq_len, (int(w) + 1) * seq_len + 1) for w in windows[rows]]
+    read_many = getattr(stream, "read_many", None)
+    chunks = read_many(ranges) if read_many else [stream[a:b] for a, b in ranges]
+    for row, chunk in zip(rows, chunks):
+        tokens_BL1[row, :len(chunk)] = chunk
+        lengths_B1[row] = len(chunk)
     columns_L = np.arange(seq_len)
     valid_BL = columns_L + 1 < lengths_B1
     inputs_BL = np.where(valid_BL, tokens_BL1[:, :-1], pad_id)

@@ -1,0 +1,41 @@
+"""Build a run's token store ahead of training, or audit one: the same store train.py uses.
+
+    python -m cla_jax.data.prepare --config=configs/default.py \
+        --config.data.source='files:gs://bucket/fineweb/*.jsonl.zst' --config.data.data_dir=gs://bucket/data
+    python -m cla_jax.data.prepare --config=... --verify     # re-read every shard, check crc32
+
+Run it on every host of a pod (with --distributed, as train.py) and each builds its share of
+the shards; or once, on one big CPU machine, before the accelerators start.
+"""
+from absl import flags
+from ml_collections import config_flags
+
+from cla_jax import cli
+
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file; only config.data and "
+                                "model.vocab_size are used.", lock_config=True)
+flags.DEFINE_bool("verify", False, "Also read every shard back and compare its crc32.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    from cla_jax.data.corpus import prepare_corpus  # noqa: PLC0415 (after flags are parsed)
+    config = flags.FLAGS.config
+    corpus = prepare_corpus(config.data, flags.FLAGS.cache_dir,
+                            max_vocab_size=config.model.vocab_size)
+    meta = corpus.store.meta
+    print(f"token store {corpus.store.directory}: {meta['num_shards']} shards, tokenizer "
+          f"{corpus.tokenizer.identity} ({meta['dtype']})")
+    for split, info in meta["splits"].items():
+        print(f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens")
+    if flags.FLAGS.verify:
+        damaged = corpus.store.verify()
+        if damaged:
+            raise ValueError(f"damaged shard files (crc32 mismatch): {damaged}; delete their "
+                                f"shards/<index>.json records in {corpus.store.directory} and "
+                                "run again to rebuild them")
+        print("  every shard matches its crc32")
+
+
+if __name__ == "__main__":
+    cli.start(main)
