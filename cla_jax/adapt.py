@@ -14,15 +14,16 @@ optimizer state in a new workdir, which train.py then trains as a new run.
 """
 from __future__ import annotations
 
-import pathlib
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import linen as nn
 
 from cla_jax import checkpoint, sharding
 from cla_jax.config import ConfigError, ModelConfig
+from cla_jax.storage import as_path
 from cla_jax.train.optimizer import make_optimizer
 from cla_jax.train.state import init_state
 
@@ -103,11 +104,11 @@ def convert_params(params, source: ModelConfig, target: ModelConfig, recipe: str
 
 
 def adapt_checkpoint(from_workdir, step: int | None, config: ml_collections.ConfigDict,
-                     workdir, recipe: str = "keep") -> pathlib.Path:
+                     workdir, recipe: str = "keep") -> epath.Path:
     """Writes step 0 of a new run in `workdir`: `config`'s model with params converted from
     the checkpoint in `from_workdir`, and a fresh optimizer state. Returns its directory."""
-    source_dir = pathlib.Path(from_workdir).expanduser() / "checkpoints"
-    target_dir = pathlib.Path(workdir).expanduser() / "checkpoints"
+    source_dir = as_path(from_workdir) / "checkpoints"
+    target_dir = as_path(workdir) / "checkpoints"
     try:
         step, meta = checkpoint.read_meta(source_dir, step)
     except checkpoint.CheckpointError as error:
@@ -129,8 +130,8 @@ def _layout(tree) -> dict:
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def write_first_step(target_dir: pathlib.Path, config: ml_collections.ConfigDict, params,
-                     provenance: dict) -> pathlib.Path:
+def write_first_step(target_dir: epath.Path, config: ml_collections.ConfigDict, params,
+                     provenance: dict) -> epath.Path:
     """Saves `params` (unboxed numpy tree) as step 0 of a new run of `config`, with a fresh
     optimizer state and no data position; refuses a directory that already holds a run."""
     if checkpoint.good_steps(target_dir):

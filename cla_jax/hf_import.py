@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
 import struct
 
 import numpy as np
+from etils import epath
 
 from cla_jax.config import ConfigError, ModelConfig
 from cla_jax.data.tokenizer import BOS_ID, EOS_ID, NUM_SPECIAL_IDS
+from cla_jax.storage import as_path
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
 SUPPORTED_TYPES = ("llama", "mistral")
@@ -150,11 +151,11 @@ def convert_weights(weights: dict[str, np.ndarray], hf: dict, model: ModelConfig
 
 
 def import_checkpoint(hf_dir, workdir, dtype: str = "float32",
-                      source: str = "shakespeare") -> pathlib.Path:
+                      source: str = "shakespeare") -> epath.Path:
     """Writes step 0 of a CLA1 run converted from `hf_dir`; returns its checkpoint directory."""
     from cla_jax.adapt import write_first_step  # noqa: PLC0415
     from configs import default  # noqa: PLC0415
-    hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
+    hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), as_path(workdir)
     if not (hf_dir / "config.json").is_file():
         raise ConfigError(f"--hf_dir: {hf_dir} has no config.json; point it at a downloaded "
                           "Hugging Face model directory")
@@ -166,8 +167,8 @@ def import_checkpoint(hf_dir, workdir, dtype: str = "float32",
     params = convert_weights(read_weights(hf_dir), hf, model)
     workdir.mkdir(parents=True, exist_ok=True)
     if (hf_dir / "tokenizer.json").is_file():
-        shutil.copy(hf_dir / "tokenizer.json", workdir / "tokenizer.json")
-        config.data.tokenizer = str((workdir / "tokenizer.json").absolute())
+        (workdir / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+        config.data.tokenizer = str(workdir / "tokenizer.json")
     target = write_first_step(workdir / "checkpoints", config, params,
                               {"imported_from": str(hf_dir.absolute())})
     (workdir / "config.py").write_text(
@@ -183,7 +184,7 @@ def main(argv):
     f = flags.FLAGS
     target = import_checkpoint(f.hf_dir, f.workdir, f.dtype, f.source)
     print(f"wrote step 0 of the imported CLA1 model to {target}; its config is "
-          f"{pathlib.Path(f.workdir) / 'config.py'}")
+          f"{as_path(f.workdir) / 'config.py'}")
 
 
 if __name__ == "__main__":

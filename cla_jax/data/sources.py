@@ -121,9 +121,10 @@ def split_document_names(
     return splits
 
 
-def list_files(pattern: str) -> list[tuple[str, int, int]]:
-    """(path, bytes, version: mtime or object generation) of the files matching `pattern` (`**` recurses), sorted by path,
-    on a local disk or gs:// (one listing: no request per file)."""
+def list_files(pattern: str) -> list[tuple[str, int, int | str]]:
+    """(path, bytes, version) of the files matching `pattern` (`**` recurses), sorted by path;
+    version is the mtime, or on gs:// the object generation (one listing, no request per
+    file)."""
     if not is_remote(pattern):
         paths = globlib.glob(os.path.expanduser(pattern), recursive=True)
         stats = [(p, os.stat(p)) for p in paths if os.path.isfile(p)]
@@ -209,7 +210,9 @@ def check_file(path: str, text_field: str) -> None:
 def plan(source: str, *, text_field: str = "text", validation_fraction: float = 0.1,
          validation_source: str = "", data_dir: str | epath.Path = "", train_split: str = TRAIN,
          validation_split: str = VALIDATION, cache_dir: str | epath.Path = "") -> Plan:
-    """The shards of `source` (see the module docstring), checked and fingerprinted."""
+    """The shards of `source` (see the module docstring), and its fingerprint: a hash of the
+    inputs' names, sizes and versions and of the split settings (no input is read but the
+    demo's plays and TFDS split sizes; `check_inputs` reads each file's first record)."""
     if validation_source and not source.startswith("files:"):
         raise SourceError("data.validation_source (a files: glob) only goes with a files: "
                           f"source, not {source!r}")

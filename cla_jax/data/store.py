@@ -25,6 +25,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -107,6 +108,10 @@ class _TokenFile:
         return {"file": self.path.name, "tokens": self.tokens, "documents": self.documents,
                 "crc32": self.crc32}
 
+    def discard(self) -> None:
+        self._file.close()
+        self._temporary.unlink(missing_ok=True)
+
 
 def _encode(tokenizer: Tokenizer, text: str, dtype: np.dtype) -> np.ndarray:
     chunks = text_chunks(text)
@@ -125,15 +130,20 @@ def build_shard(directory: str, index: int, shard: Shard, plan: Plan, tokenizer:
              for s in SPLITS}
     bos = np.array([tokenizer.bos_id], dtype)
     out, reported = None, 0
-    for piece in read_shard(shard, plan.text_field, **read_kwargs):
-        if piece.first:
-            out = files[shard.split or hash_split(piece.identity, plan.validation_fraction)]
-            out.documents += 1
-            out.add(bos)
-        out.add(_encode(tokenizer, piece.text, dtype))
-        if report and piece.consumed - reported >= REPORT_BYTES:
-            report(piece.consumed - reported)
-            reported = piece.consumed
+    try:
+        for piece in read_shard(shard, plan.text_field, **read_kwargs):
+            if piece.first:
+                out = files[shard.split or hash_split(piece.identity, plan.validation_fraction)]
+                out.documents += 1
+                out.add(bos)
+            out.add(_encode(tokenizer, piece.text, dtype))
+            if report and piece.consumed - reported >= REPORT_BYTES:
+                report(piece.consumed - reported)
+                reported = piece.consumed
+    except BaseException:  # an error or Ctrl-C: leave no temporary files behind
+        for f in files.values():
+            f.discard()
+        raise
     if report:
         report(shard.nbytes - reported)
     splits = {s: f.commit() for s, f in files.items()}
@@ -145,8 +155,11 @@ def build_shard(directory: str, index: int, shard: Shard, plan: Plan, tokenizer:
     return record
 
 
+def _load_npy(path: epath.Path) -> np.ndarray:
+    return np.load(io.BytesIO(path.read_bytes()))
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io  # noqa: PLC0415
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
@@ -220,12 +233,16 @@ def _build_shards(directory: epath.Path, indices: Sequence[int], plan: Plan,
                 initargs=(queue,)) as pool:
             with _main_module_hidden():  # every worker starts during these submits
                 pending = {pool.submit(_build_shard_in_worker, *job) for job in jobs}
-            while pending:
-                done, pending = concurrent.futures.wait(pending, timeout=0.5)
-                for future in done:
-                    future.result()  # a worker's error stops the build with its message
-                while not queue.empty():
-                    bar.update(queue.get())
+            try:
+                while pending:
+                    done, pending = concurrent.futures.wait(pending, timeout=0.5)
+                    for future in done:
+                        future.result()  # a worker's error stops the build with its message
+                    while not queue.empty():
+                        bar.update(queue.get())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # start no further shard
+                raise
     finally:
         bar.close()
 
@@ -302,7 +319,7 @@ def is_complete(directory: epath.Path, key: str) -> bool:
 
 def _finish(directory: epath.Path, plan: Plan, tokenizer: Tokenizer, key: str) -> None:
     records = [_committed(directory, i, key) for i in range(len(plan.shards))]
-    counts = sum(np.load(_shard_path(directory, i, "counts.npy").open("rb"))
+    counts = sum(_load_npy(_shard_path(directory, i, "counts.npy"))
                  for i in range(len(plan.shards)))
     _write_atomically(directory / "counts.npy", _npy_bytes(counts))
     meta = {"format": FORMAT_VERSION, "key": key, "source": plan.source,
@@ -433,7 +450,7 @@ class TokenStore:
 
     def counts(self, name: str) -> np.ndarray:
         """int64 [vocab]: how often each token occurs in split `name`."""
-        counts = np.load((self.directory / "counts.npy").open("rb"))
+        counts = _load_npy(self.directory / "counts.npy")
         return counts[SPLITS.index(name)]
 
     def verify(self) -> list[str]:
