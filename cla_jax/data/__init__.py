@@ -1,4 +1,4 @@
-"""Data layer: the demo corpus, a local TFDS text dataset, tokenizers, packed grain batches.
+"""Data layer: sources, the token store, tokenizers, packed grain batches.
 
 Typical flow (see each module for details):
 
@@ -7,7 +7,9 @@ Typical flow (see each module for details):
     batches = eval_batches(corpus.validation, seq_len, batch_size)
 
 sources.py plans and reads the documents, store.py tokenizes them once into shards,
-tokenizer.py holds the tokenizers, packing.py cuts token streams into windows.
+tokenizer.py holds the tokenizers, packing.py cuts token streams into windows; shakespeare.py
+is the demo corpus, synthetic.py makes corpora of any size, text_dataset.py builds a TFDS
+dataset from local documents, prepare.py is the command line that builds a store.
 
 Names are re-exported lazily, so `cla_jax.data.packing` or `cla_jax.data.tokenizer` can be used
 where tensorflow-datasets or grain are not installed (e.g. the GPU machine).

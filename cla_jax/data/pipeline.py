@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
+
 from cla_jax.data.packing import Batch, num_full_windows, num_windows_covering, pack_windows
 from cla_jax.data.tokenizer import BOS_ID, PAD_ID
 
