@@ -15,13 +15,16 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file (overrides:
                                 "--config.train.steps=100).", lock_config=True)
 flags.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step (the schedule "
                      "still follows train.steps; run again to continue).")
+flags.DEFINE_bool("restart_data", False, "Resume params and optimizer state but start the "
+                  "data from its first batch: for a checkpoint trained on other data, batch "
+                  "size, sequence length or seed (refused otherwise).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.cache_dir,
-                                 flags.FLAGS.stop_at_step)
+                                 flags.FLAGS.stop_at_step, restart_data=flags.FLAGS.restart_data)
     if metrics and jax.process_index() == 0:
         print(f"final validation: ppl {metrics['perplexity']:.2f}, "
               f"bits/byte {metrics['bits_per_byte']:.3f} on {metrics['tokens']:,} tokens")

@@ -210,7 +210,7 @@ def main():
         rows.append(f"{text:>6} {r['tokenizer']['seconds']:11.1f} "
                     f"{r['prepare_w1']['text_mb_per_s']:8.1f} "
                     f"{r['prepare_w2']['text_mb_per_s']:8.1f} {r['w2_over_w1_time']:6.2f} "
-                    f"{max(r['prepare_w1']['peak_rss_mib'], r['prepare_w2']['peak_rss_mib']):12.0f} "
+                    f"{max(r[f'prepare_w{w}']['peak_rss_mib'] for w in (1, 2)):12.0f} "
                     f"{r['first_step']['seconds']:10.1f} {r['first_step']['peak_rss_mib']:9.0f} "
                     f"{r['loader']['tokens_per_s']:12.3g}")
     print("\n".join(rows))

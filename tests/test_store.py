@@ -28,7 +28,8 @@ def _docs(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     docs = []
     for i in range(n):
-        lines = [" ".join(rng.choice(WORDS, rng.integers(3, 12))) for _ in range(rng.integers(1, 30))]
+        lines = [" ".join(rng.choice(WORDS, rng.integers(3, 12)))
+                 for _ in range(rng.integers(1, 30))]
         docs.append(("\n" if i % 3 else "\n\n").join(lines) + ("—é😀" if i % 5 == 0 else ""))
     return docs
 
@@ -84,7 +85,8 @@ def _write(root, fmt: str, files: int = 3, per_file: int = 7):
             import zstandard
             data = zstandard.ZstdCompressor().compress(data)
         path.write_bytes(data)
-    documents.sort(key=lambda d: (d[0].split("#")[0], int(d[0].split("#")[1]) if "#" in d[0] else 0))
+    documents.sort(key=lambda d: (d[0].split("#")[0],
+                                  int(d[0].split("#")[1]) if "#" in d[0] else 0))
     pattern = str(root / "**" / "*.txt") if fmt == "txt" else str(root / f"*.{fmt}")
     return pattern, documents
 
@@ -128,7 +130,8 @@ def test_one_sentence_per_line_files_train_a_bpe_on_a_bounded_sample(tmp_path):
         lines = [" ".join(rng.choice(WORDS, 10)) + "." for _ in range(1500)]
         (root / f"f{f}.txt").write_text("\n".join(lines))
     data = ml_collections.ConfigDict(dict(source=f"files:{root}/*.txt", tokenizer="bpe:380",
-                                          tokenizer_sample_bytes=1 << 20, data_dir=str(tmp_path / "d"),
+                                          tokenizer_sample_bytes=1 << 20,
+                                          data_dir=str(tmp_path / "d"),
                                           validation_fraction=0.25, name="lines"))
     built = corpus_lib.prepare_corpus(data, tmp_path / "cache")
     tok = built.tokenizer
@@ -210,7 +213,8 @@ def test_interrupted_build_resumes_from_finished_shards(tmp_path, monkeypatch):
     def dies_on_third_shard(directory, index, *args, **kwargs):
         calls.append(index)
         if len(calls) == 3:  # killed mid-shard: a half-written temporary file stays behind
-            (tmp_path / "resumed" / "shards" / f"{index:05d}.train.tokens.tmp-dead").write_bytes(b"x")
+            shards = tmp_path / "resumed" / "shards"
+            (shards / f"{index:05d}.train.tokens.tmp-dead").write_bytes(b"x")
             raise KeyboardInterrupt
         return real_build_shard(directory, index, *args, **kwargs)
 
@@ -249,7 +253,8 @@ def test_damaged_shards_are_detected(tmp_path, monkeypatch):
     shard_file.write_bytes(bytes(flipped))
     assert rebuilt.verify() == ["00001.train.tokens"]
     shard_file.write_bytes(good[:-2])  # damaged under a running reader: one clear error
-    with pytest.raises(store.StoreError, match="00001.train.tokens is damaged \\(it is .* bytes, not"):
+    with pytest.raises(store.StoreError,
+                       match="00001.train.tokens is damaged \\(it is .* bytes, not"):
         np.asarray(store.TokenStore(tmp_path / "store").split("train"))
 
 
@@ -267,7 +272,8 @@ def test_explicit_validation_files(tmp_path):
     plan = sources.plan(f"files:{train_glob}", text_field="content",
                         validation_source=f"files:{val_glob}")
     built = store.build_store(tmp_path / "store", plan, BYTE, workers=1, progress=False)
-    np.testing.assert_array_equal(np.asarray(built.split("train")), _expected(train_docs, 0)["train"])
+    np.testing.assert_array_equal(np.asarray(built.split("train")),
+                                  _expected(train_docs, 0)["train"])
     np.testing.assert_array_equal(np.asarray(built.split("validation")),
                                   _expected(val_docs, 0)["train"])
 

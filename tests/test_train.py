@@ -65,6 +65,27 @@ def test_resume_equals_uninterrupted_training_bitwise(tmp_path, corpus_glob):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+def test_resume_refuses_another_data_order_unless_the_data_restarts(tmp_path, corpus_glob):
+    from cla_jax.data import train_batches
+
+    train_and_evaluate(tiny_config(corpus_glob, steps=3), tmp_path / "run", tmp_path / "cache")
+    ckpts = tmp_path / "run" / "checkpoints"
+    for change, name in ((dict(seed=1), "seed 0"), (dict(batch_size=4), "batch_size 8"),
+                         (dict(seq_len=8), "seq_len 16")):
+        with pytest.raises(checkpoint.CheckpointError, match=f"trained with {name} .*--restart"):
+            train_and_evaluate(tiny_config(corpus_glob, steps=6, **change), tmp_path / "run",
+                               tmp_path / "cache")
+    assert checkpoint.good_steps(ckpts) == [3]  # nothing written by the refused runs
+    config = tiny_config(corpus_glob, steps=6, seed=1)
+    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache", restart_data=True)
+    # Step 6 saved the position of 3 batches of the seed-1 order, counted from its start.
+    corpus = prepare_corpus(config.data, tmp_path / "cache")
+    fresh = train_batches(corpus.train, 16, 8, seed=1)
+    for _ in range(3):
+        next(fresh)
+    assert checkpoint.read_meta(ckpts, 6)[1]["data"] == fresh.get_state()
+
+
 def test_interrupted_and_foreign_step_directories_are_skipped(tmp_path, corpus_glob, caplog):
     config = tiny_config(corpus_glob, steps=3)
     train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")

@@ -1,7 +1,8 @@
 """Build a run's token store ahead of training, or audit one: the same store train.py uses.
 
     python -m cla_jax.data.prepare --config=configs/default.py \
-        --config.data.source='files:gs://bucket/fineweb/*.jsonl.zst' --config.data.data_dir=gs://bucket/data
+        --config.data.source='files:gs://bucket/fineweb/*.jsonl.zst' \
+        --config.data.data_dir=gs://bucket/data
     python -m cla_jax.data.prepare --config=... --verify     # re-read every shard, check crc32
 
 Run it on every host of a pod (with --distributed, as train.py) and each builds its share of

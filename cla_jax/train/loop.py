@@ -92,14 +92,37 @@ def validation_metrics(eval_step, params, corpus: Corpus, train, mesh,
                                (sharding.global_batch(b, mesh) for b in batches), progress=False)
 
 
+def data_order(train, corpus: Corpus) -> dict:
+    """What a saved data position means: in another token store, or with another batch size,
+    sequence length or seed, the same position is another batch."""
+    return {"store": corpus.store.meta["key"], "batch_size": train.batch_size,
+            "seq_len": train.seq_len, "seed": train.seed}
+
+
+def check_data_order(saved: dict | None, current: dict, where, restart_data: bool) -> bool:
+    """True when the checkpoint's data position may be restored; refuses a mismatch unless
+    `restart_data` (then the data starts from its first batch)."""
+    diffs = [f"{k} {saved[k]!r} (now {current[k]!r})" for k in current
+             if saved is not None and saved.get(k) != current[k]]
+    if diffs and not restart_data:
+        raise checkpoint.CheckpointError(
+            f"{where} was trained with {', '.join(diffs)}: its data position would mean "
+            "another batch here. Resume with the settings that made it, or pass "
+            "--restart_data to start this data from its first batch")
+    return not diffs
+
+
 def train_and_evaluate(config, workdir, cache_dir,
-                       stop_at_step: int | None = None, devices=None):
+                       stop_at_step: int | None = None, devices=None,
+                       restart_data: bool = False):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
     validation metrics (on `train.eval_batches` batches).
 
     stop_at_step: checkpoint and return there, as a preemption would; the schedule still
     follows train.steps, so a later call continues the same run.
     devices: the devices of the mesh `config.mesh` (default: all of them).
+    restart_data: resume params and optimizer but start the data from its first batch (for a
+    checkpoint trained on other data, batch size, sequence length or seed).
     """
     workdir = as_path(workdir)  # a local directory or gs://
     model = ModelConfig.from_dict(config.model)
@@ -113,6 +136,9 @@ def train_and_evaluate(config, workdir, cache_dir,
         checkpoint.check_same_model(saved, model.to_dict(), workdir)
     check_train_config(train, model, mesh)
     corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
+    order = data_order(train, corpus)
+    restore_data = bool(latest) and meta.get("data") is not None and check_data_order(
+        meta.get("data_order"), order, f"{ckpt_dir} step {latest[-1]}", restart_data)
     optimizer = make_optimizer(train)
     train_step = make_train_step(model, optimizer, train.grad_accum_steps, mesh)  # checks mesh
     eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
@@ -123,9 +149,10 @@ def train_and_evaluate(config, workdir, cache_dir,
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=train.keep_checkpoints)
     if latest:  # onto this mesh, whatever mesh saved it
         state, meta = checkpointer.restore(latest[-1], abstract_state(model, optimizer, mesh))
-        if meta.get("data") is not None:  # None: a new run made by cla_jax.adapt
+        if restore_data:  # not for a new run made by cla_jax.adapt (no data position)
             data.set_state(meta["data"])
-        say(f"resumed from step {latest[-1]} in {ckpt_dir}")
+        say(f"resumed from step {latest[-1]} in {ckpt_dir}" +
+            ("" if restore_data else "; the data starts from its first batch"))
     else:
         state = init_state(model, optimizer, train.seed, mesh)
 
@@ -184,7 +211,7 @@ def train_and_evaluate(config, workdir, cache_dir,
                           f"{last_eval['mean_nll']:.3f} ppl {last_eval['perplexity']:.2f} "
                           f"bits/byte {last_eval['bits_per_byte']:.3f}")
             if save:
-                checkpointer.save(step, state, {"data": data.get_state(),
+                checkpointer.save(step, state, {"data": data.get_state(), "data_order": order,
                                                 "config": config.to_dict()})
             pending, interval_start = [], time.perf_counter()
             if stopping:
