@@ -16,8 +16,8 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file (overrides:
 flags.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step (the schedule "
                      "still follows train.steps; run again to continue).")
 flags.DEFINE_bool("restart_data", False, "Resume params and optimizer state but start the "
-                  "data from its first batch: for a checkpoint trained on other data, batch "
-                  "size, sequence length or seed (refused otherwise).")
+                  "data from its first batch: needed to resume a checkpoint trained on other "
+                  "data, batch size, sequence length or seed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

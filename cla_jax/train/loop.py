@@ -12,7 +12,6 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cla_jax import checkpoint, evaluation, sharding
-from cla_jax.storage import as_path
 from cla_jax.config import (
     ConfigError,
     ModelConfig,
@@ -23,6 +22,7 @@ from cla_jax.config import (
 from cla_jax.data import eval_batches, train_batches
 from cla_jax.data.corpus import Corpus, prepare_corpus
 from cla_jax.model import abstract_params
+from cla_jax.storage import as_path
 from cla_jax.train.metrics import MetricsWriter, peak_flops
 from cla_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from cla_jax.train.state import abstract_state, init_state
@@ -99,17 +99,16 @@ def data_order(train, corpus: Corpus) -> dict:
             "seq_len": train.seq_len, "seed": train.seed}
 
 
-def check_data_order(saved: dict | None, current: dict, where, restart_data: bool) -> bool:
-    """True when the checkpoint's data position may be restored; refuses a mismatch unless
-    `restart_data` (then the data starts from its first batch)."""
-    diffs = [f"{k} {saved[k]!r} (now {current[k]!r})" for k in current
+def check_data_order(saved: dict | None, current: dict, where) -> None:
+    """Refuses to restore a data position saved for another data order (None: a checkpoint
+    from before data orders were saved)."""
+    diffs = [f"{k} {saved.get(k)!r} (now {current[k]!r})" for k in current
              if saved is not None and saved.get(k) != current[k]]
-    if diffs and not restart_data:
+    if diffs:
         raise checkpoint.CheckpointError(
             f"{where} was trained with {', '.join(diffs)}: its data position would mean "
             "another batch here. Resume with the settings that made it, or pass "
             "--restart_data to start this data from its first batch")
-    return not diffs
 
 
 def train_and_evaluate(config, workdir, cache_dir,
@@ -121,8 +120,8 @@ def train_and_evaluate(config, workdir, cache_dir,
     stop_at_step: checkpoint and return there, as a preemption would; the schedule still
     follows train.steps, so a later call continues the same run.
     devices: the devices of the mesh `config.mesh` (default: all of them).
-    restart_data: resume params and optimizer but start the data from its first batch (for a
-    checkpoint trained on other data, batch size, sequence length or seed).
+    restart_data: resume params and optimizer but start the data from its first batch (needed
+    for a checkpoint trained on other data, batch size, sequence length or seed).
     """
     workdir = as_path(workdir)  # a local directory or gs://
     model = ModelConfig.from_dict(config.model)
@@ -137,8 +136,10 @@ def train_and_evaluate(config, workdir, cache_dir,
     check_train_config(train, model, mesh)
     corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
     order = data_order(train, corpus)
-    restore_data = bool(latest) and meta.get("data") is not None and check_data_order(
-        meta.get("data_order"), order, f"{ckpt_dir} step {latest[-1]}", restart_data)
+    # No data position in a new run made by cla_jax.adapt.
+    restore_data = bool(latest) and meta.get("data") is not None and not restart_data
+    if restore_data:
+        check_data_order(meta.get("data_order"), order, f"{ckpt_dir} step {latest[-1]}")
     optimizer = make_optimizer(train)
     train_step = make_train_step(model, optimizer, train.grad_accum_steps, mesh)  # checks mesh
     eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
@@ -149,7 +150,7 @@ def train_and_evaluate(config, workdir, cache_dir,
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=train.keep_checkpoints)
     if latest:  # onto this mesh, whatever mesh saved it
         state, meta = checkpointer.restore(latest[-1], abstract_state(model, optimizer, mesh))
-        if restore_data:  # not for a new run made by cla_jax.adapt (no data position)
+        if restore_data:
             data.set_state(meta["data"])
         say(f"resumed from step {latest[-1]} in {ckpt_dir}" +
             ("" if restore_data else "; the data starts from its first batch"))
