@@ -65,6 +65,40 @@ def test_resume_equals_uninterrupted_training_bitwise(tmp_path, corpus_glob):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+def _tensorboard_purges(directory) -> list[int]:
+    """Steps at which TensorBoard event files ask to purge later events (SessionLog START)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    steps = []
+    for path in sorted(pathlib.Path(directory).glob("events.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:
+                steps.append(event.step)
+    return steps
+
+
+def test_a_resume_after_a_crash_keeps_every_step_once_in_the_metrics(tmp_path, corpus_glob):
+    import shutil
+
+    config = tiny_config(corpus_glob, steps=6)  # logs every step, evaluates and saves at 3, 6
+    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    # A crash after step 6 was logged but before its checkpoint committed, mid-line:
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 7, "ki')
+    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")  # resumes at step 3
+    records = [(r["kind"], r["step"]) for r in map(json.loads, metrics.read_text().splitlines())]
+    assert [s for kind, s in records if kind == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [s for kind, s in records if kind == "eval"] == [3, 6]
+    assert _tensorboard_purges(tmp_path / "run" / "tensorboard") == [4]
+
+
 def test_resume_refuses_another_data_order_unless_the_data_restarts(tmp_path, corpus_glob):
     from cla_jax.data import train_batches
 

@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir, cache_dir,
         state = init_state(model, optimizer, train.seed, mesh)
 
     schedule = learning_rate_schedule(train)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resumed_step=int(state.step) if latest else None)
     flops_per_token, peak = train_flops_per_token(model, train.seq_len), peak_flops(mesh.size)
     say(f"model: {num_params(model):,} params, layer groups {list(model.groups)}, KV cache "
         f"{kv_bytes_per_token(model)} bytes/token at 16 bit; corpus: {len(corpus.train):,} train "

@@ -22,25 +22,44 @@ def peak_flops(num_devices: int | None = None) -> float | None:
     return per_device * (num_devices or jax.device_count()) if per_device else None
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line (a torn last line counts as after every step)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsWriter:
     """Appends one JSON line per record to <workdir>/metrics.jsonl and mirrors scalars to
-    TensorBoard (<workdir>/tensorboard); only process 0 writes. Cloud storage objects cannot
-    be appended to: there the file is rewritten whole at each write (one line per log
-    interval keeps it small)."""
+    TensorBoard (<workdir>/tensorboard); only process 0 writes.
 
-    def __init__(self, workdir: epath.Path):
+    A run resumed from step N drops the records after N that the interrupted run wrote (they
+    are written again), and TensorBoard purges its events after N the same way, so every step
+    appears once. Cloud storage objects cannot be appended to: there the file is rewritten
+    whole at each write (one line per log interval keeps it small).
+    """
+
+    def __init__(self, workdir: epath.Path, resumed_step: int | None = None):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         self._path = workdir / "metrics.jsonl"
+        kept = self._path.read_text() if self._path.exists() else ""
+        if resumed_step is not None:
+            kept = "".join(line for line in kept.splitlines(keepends=True)
+                           if _step_of(line) <= resumed_step)
+            temporary = workdir / "metrics.jsonl.tmp"
+            temporary.write_text(kept)
+            temporary.replace(self._path)
         if is_remote(workdir):
-            self._jsonl = None
-            self._text = self._path.read_text() if self._path.exists() else ""
+            self._jsonl, self._text = None, kept
         else:
             self._jsonl = self._path.open("a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=(
+                None if resumed_step is None else resumed_step + 1))
         except ImportError:  # TensorBoard is optional; the JSONL file has everything.
             self._tb = None
 
