@@ -17,13 +17,14 @@ from etils import epath
 from flax import linen as nn
 
 from cla_jax import sharding
-from cla_jax.storage import as_path
+from cla_jax.errors import UserError
 from cla_jax.model import abstract_params
+from cla_jax.storage import as_path
 
 ITEMS = ("params", "opt_state", "meta")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be used; the message says which and what to do."""
 
 

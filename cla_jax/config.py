@@ -10,12 +10,14 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+from cla_jax.errors import UserError
+
 ATTENTION_KINDS = ("auto", "xla", "cudnn", "reference")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is wrong; the message says which and how to fix it."""
 
 

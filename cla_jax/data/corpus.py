@@ -28,6 +28,7 @@ from etils import epath
 from cla_jax.data import sources
 from cla_jax.data.store import TokenStore, TokenStream, build_store, is_complete, store_key
 from cla_jax.data.tokenizer import Tokenizer, load_tokenizer
+from cla_jax.errors import UserError
 
 DATA_DEFAULTS = dict(
     source="shakespeare", validation_source="", text_field="text", train_split="train",
@@ -37,7 +38,7 @@ DATA_DEFAULTS = dict(
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
     """A config.data setting is wrong; the message names it."""
 
 

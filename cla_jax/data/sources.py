@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 
 from etils import epath
 
+from cla_jax.errors import UserError
 from cla_jax.storage import is_remote
 
 TRAIN, VALIDATION = "train", "validation"
@@ -45,7 +46,7 @@ TFDS_SHARD_RECORDS = 100_000
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """The data source cannot be read as configured; the message says what to change."""
 
 

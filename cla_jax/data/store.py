@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from cla_jax.data.sources import TRAIN, VALIDATION, Plan, Shard, hash_split, read_shard
 from cla_jax.data.tokenizer import Tokenizer, text_chunks
+from cla_jax.errors import UserError
 from cla_jax.storage import is_remote
 
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ WRITE_TOKENS = 1 << 20        # tokens buffered before a write
 REPORT_BYTES = 4 << 20        # progress granularity of a worker
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A token store is damaged or does not match its description; the message says how."""
 
 

@@ -24,7 +24,7 @@ from cla_jax.data.corpus import Corpus, prepare_corpus
 from cla_jax.model import abstract_params
 from cla_jax.storage import as_path
 from cla_jax.train.metrics import MetricsWriter, peak_flops
-from cla_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from cla_jax.train.optimizer import check_settings, learning_rate_schedule, make_optimizer
 from cla_jax.train.state import abstract_state, init_state
 from cla_jax.train.step import make_eval_step, make_train_step
 
@@ -43,6 +43,7 @@ def check_train_config(train, model: ModelConfig, mesh) -> None:
     """Everything that can be refused before data is built or anything compiles."""
     if train.steps <= 0:
         raise ConfigError(f"train.steps must be > 0, got {train.steps}")
+    check_settings(train)
     if train.grad_accum_steps <= 0 or train.batch_size % train.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size ({train.batch_size}) must be divisible by train.grad_accum_steps "

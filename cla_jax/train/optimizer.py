@@ -1,8 +1,34 @@
 """AdamW with the paper's schedule: linear warmup, cosine decay to a fraction of the peak."""
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
+
+from cla_jax.config import ConfigError
+
+
+def check_settings(train) -> None:
+    """Refuses optimizer settings that cannot train, before anything is built or written."""
+    def number(name):
+        value = train[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value):
+            raise ConfigError(f"train.{name} must be a finite number, got {value!r}")
+        return value
+
+    rules = [("learning_rate", lambda v: v > 0, "> 0"),
+             ("warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+             ("final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+             ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+             ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+             ("weight_decay", lambda v: v >= 0, ">= 0"),
+             ("grad_clip", lambda v: v > 0, "> 0 (clipping by global norm)")]
+    for name, ok, wanted in rules:
+        if not ok(number(name)):
+            raise ConfigError(f"train.{name} must be {wanted}, got {train[name]!r}; set "
+                              f"--config.train.{name}=...")
 
 
 def learning_rate_schedule(train) -> optax.Schedule:
