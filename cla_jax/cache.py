@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cla_jax.config import ModelConfig
-
+from cla_jax.errors import UserError
 
 # Logical axes of a stage's K and V, which `cla_jax.sharding` maps onto the mesh.
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -42,13 +42,13 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch_size` sequences of up to `max_length` tokens."""
     if max_length > config.max_seq_len:
-        raise ValueError(
+        raise UserError(
             f"cache max_length {max_length} exceeds the model's max_seq_len "
             f"{config.max_seq_len}; shorten the prompt or max_new_tokens, or raise "
             "model.max_seq_len")
     if batch_size <= 0 or max_length <= 0:
-        raise ValueError(f"cache needs batch_size and max_length > 0, got "
-                         f"{batch_size} and {max_length}")
+        raise UserError(f"cache needs batch_size and max_length > 0, got "
+                        f"{batch_size} and {max_length}")
     stages = []
     for _, num_groups in config.stages:
         shape = (num_groups, batch_size, max_length, config.num_kv_heads, config.head_dim)

@@ -1,15 +1,41 @@
-"""What the three scripts share: flags, and bad input reported as one line, not a traceback."""
+"""What the three scripts share: flags, and how a run ends when something goes wrong.
+
+Exit codes, so that a scheduler can tell a failure worth retrying (1) from one that needs a
+change of input (2) or of settings (3):
+
+    0  done
+    1  internal failure (a bug, an XLA or collective error): the full traceback. It is Python's
+       own code for an uncaught exception, so a failure before cli.start reads the same.
+    2  bad input the user can fix (config, flag, path, prompt, checkpoint): one `error: ...`
+       line and no traceback (CLA_JAX_TRACEBACK=1 shows it)
+    3  a device ran out of memory: the traceback, then one line naming the settings to lower
+"""
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 
-from cla_jax.checkpoint import CheckpointError
-from cla_jax.config import ConfigError
+from cla_jax.errors import UserError
 
-USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, RuntimeError, KeyError)
+EXIT_INTERNAL_ERROR = 1
+EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
+
+# Bad input: our own errors, absl's flag and usage errors, and a path the user gave that is
+# missing, not a directory, a directory, or not readable. Everything else is a failure of ours.
+USER_ERRORS = (UserError, flags.Error, app.UsageError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+# What loading a --config file or applying --config.x=y overrides raises, besides flags.Error.
+CONFIG_PARSE_ERRORS = (AttributeError, ValueError, TypeError, KeyError, SyntaxError, OSError)
+
+OUT_OF_MEMORY_HINT = (
+    "out of device memory: to train, lower train.batch_size (raise train.grad_accum_steps to "
+    "keep the tokens per step), set model.remat=dots_no_batch or full, or spread the state over "
+    "more devices with a larger --mesh fsdp=N; for eval.py lower --batch_size; for generate.py "
+    "give fewer prompts, a smaller --max_new_tokens or --cache_dtype=bfloat16")
 
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval results.")
 flags.DEFINE_string("cache_dir", "~/.cache/cla-jax",
@@ -28,20 +54,42 @@ def _fail(error: BaseException):
     if os.environ.get("CLA_JAX_TRACEBACK"):
         raise error
     logging.flush()
-    text = str(error).replace("\\n", " ").replace("\\'", "'").strip("'\" ")
+    text = str(error).replace("\\n", " ").replace("\\'", "'").strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # KeyError and some absl errors quote their message
     text = " ".join(text.split()) or repr(error)  # one line, whatever the source wrote
     print(f"error: {text}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(EXIT_USER_ERROR)
 
 
 def _parse_flags(argv):
     try:
         rest = flags.FLAGS(argv)
-    except (flags.Error, AttributeError, ValueError, TypeError, KeyError) as error:
-        _fail(error)  # e.g. --config.train.stepz=3, --config=missing.py
+    except (flags.Error, *CONFIG_PARSE_ERRORS) as error:
+        _fail(error)  # e.g. --config.train.stepz=3, a config file that does not parse
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        # ml_collections keeps a config file it could not load (e.g. --config=missing.py) as an
+        # _ErrorConfig that raises a plain OSError on first use: report it here, as bad input.
+        if type(flag.value).__name__ == "_ErrorConfig":
+            cause = object.__getattribute__(flag.value, "_error")
+            what = ("no such file" if "No such file" in str(cause) else cause)
+            _fail(UserError(f"--{name}={flag.config_filename}: cannot load it ({what})"))
     if len(rest) > 1:
-        _fail(ValueError(f"unexpected arguments {rest[1:]}; flags are --name=value"))
+        _fail(UserError(f"unexpected arguments {rest[1:]}; flags are --name=value"))
     return rest
+
+
+def is_out_of_memory(error: BaseException | None) -> bool:
+    """XLA reports an allocation that does not fit as RESOURCE_EXHAUSTED (GPU: "Out of memory
+    while trying to allocate"; TPU: "Ran out of memory in memory space hbm"), maybe as the
+    cause of the error that reached us."""
+    while error is not None:
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+            return True
+        error = error.__cause__
+    return False
 
 
 def define_mesh_flag() -> None:
@@ -73,7 +121,7 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(coordinator_address=f.coordinator_address,
                                    num_processes=f.num_processes, process_id=f.process_id)
     except ValueError as error:  # e.g. "coordinator_address should be defined."
-        raise ValueError(
+        raise UserError(
             f"jax.distributed could not start ({error}): outside a TPU pod, SLURM, Open MPI or "
             "Kubernetes job, give --coordinator_address=host:port --num_processes=N "
             "--process_id=i to every process") from error
@@ -82,12 +130,21 @@ def initialize_distributed() -> None:
 
 
 def start(main):
-    """Runs an absl main; bad flags and user errors exit 2 with one `error: ...` line
-    (CLA_JAX_TRACEBACK=1 shows the traceback)."""
+    """Runs an absl main and ends it with the exit codes at the top of this module."""
     def guarded(argv):
+        if not flags.FLAGS["verbosity"].present:
+            # jax.distributed, orbax and tfds log progress at INFO: noise a user cannot act on.
+            logging.set_verbosity(logging.WARNING)
         try:
             initialize_distributed()
             return main(argv)
         except USER_ERRORS as error:
             _fail(error)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise  # Python prints the traceback and exits with EXIT_INTERNAL_ERROR
+            logging.flush()
+            traceback.print_exc()
+            print(OUT_OF_MEMORY_HINT, file=sys.stderr)
+            raise SystemExit(EXIT_OUT_OF_MEMORY) from None
     app.run(guarded, flags_parser=_parse_flags)

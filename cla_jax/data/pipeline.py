@@ -24,13 +24,14 @@ import numpy as np
 
 from cla_jax.data.packing import Batch, num_full_windows, num_windows_covering, pack_windows
 from cla_jax.data.tokenizer import BOS_ID, PAD_ID
+from cla_jax.errors import UserError
 
 
 def _check_sharding(batch_size: int, process_index: int, process_count: int) -> int:
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if batch_size < 1 or batch_size % process_count:
-        raise ValueError(
+        raise UserError(
             f"global batch size {batch_size} must be a positive multiple of "
             f"process_count {process_count}"
         )
@@ -66,7 +67,7 @@ def train_batches(
     rows_per_process = _check_sharding(global_batch_size, process_index, process_count)
     num_windows = num_full_windows(len(stream), seq_len)
     if num_windows < 1:
-        raise ValueError(
+        raise UserError(
             f"token stream of {len(stream)} tokens is shorter than one window of {seq_len} + 1"
         )
     rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
@@ -107,7 +108,7 @@ def eval_batches(
     """
     rows_per_process = _check_sharding(batch_size, process_index, process_count)
     if len(stream) < 2:
-        raise ValueError(f"token stream of {len(stream)} tokens has nothing to evaluate")
+        raise UserError(f"token stream of {len(stream)} tokens has nothing to evaluate")
     num_windows = num_windows_covering(len(stream), seq_len)
     first_row = process_index * rows_per_process
 

@@ -21,6 +21,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     from cla_jax.data.corpus import prepare_corpus  # noqa: PLC0415 (after flags are parsed)
+    from cla_jax.data.store import StoreError  # noqa: PLC0415
     config = flags.FLAGS.config
     corpus = prepare_corpus(config.data, flags.FLAGS.cache_dir,
                             max_vocab_size=config.model.vocab_size)
@@ -32,9 +33,9 @@ def main(argv):
     if flags.FLAGS.verify:
         damaged = corpus.store.verify()
         if damaged:
-            raise ValueError(f"damaged shard files (crc32 mismatch): {damaged}; delete their "
-                                f"shards/<index>.json records in {corpus.store.directory} and "
-                                "run again to rebuild them")
+            raise StoreError(f"damaged shard files (crc32 mismatch): {damaged}; delete their "
+                             f"shards/<index>.json records in {corpus.store.directory} and "
+                             "run again to rebuild them")
         print("  every shard matches its crc32")
 
 

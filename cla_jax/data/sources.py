@@ -98,15 +98,16 @@ def split_document_names(
     """
     names = sorted(names)
     if len(set(names)) != len(names):
-        raise ValueError("document names must be unique")
+        raise SourceError("document names must be unique")
     if validation_names is not None:
         unknown = sorted(set(validation_names) - set(names))
         if unknown:
-            raise ValueError(f"validation_names not among the documents: {unknown}")
+            raise SourceError(f"validation_names not among the documents: {unknown}")
         validation = set(validation_names)
     else:
         if not 0.0 < validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+            raise SourceError(f"validation_fraction must be in (0, 1), got "
+                              f"{validation_fraction}")
         count = max(1, round(validation_fraction * len(names)))
         validation = set(sorted(names, key=_name_rank)[:count])
     splits = {
@@ -115,7 +116,7 @@ def split_document_names(
     }
     for split, members in splits.items():
         if not members:
-            raise ValueError(
+            raise SourceError(
                 f"the {split!r} split would hold no document ({len(names)} documents in all); "
                 "give more documents or change validation_fraction / validation_names"
             )

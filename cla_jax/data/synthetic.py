@@ -36,6 +36,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from cla_jax.errors import UserError
+
 FORMATS = ("txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 PARAGRAPHS, LINES, HUGE_LINE = 0, 1, 2
 # Share of documents of each shape in jsonl and parquet files: huge lines are rare but big,
@@ -71,7 +73,7 @@ class _LinePool:
         text = _CONTROL.sub(" ", "\n".join(lines))
         pool = [line.encode() for line in text.splitlines() if line.strip()]
         if not pool:
-            raise ValueError("lines: need at least one non-blank line of text")
+            raise UserError("lines: need at least one non-blank line of text")
         self.num_lines = len(pool)
         self.mean_line_bytes = sum(map(len, pool)) / len(pool)
         # The first lines again at the end, so that a passage may start at any line.
@@ -166,15 +168,15 @@ def _file_budgets(total_bytes: int, num_files: int) -> list[int]:
 
 def _check_arguments(total_bytes: int, fmt: str, num_files: int, text_field: str) -> None:
     if fmt not in FORMATS:
-        raise ValueError(f"fmt={fmt!r}: unknown format; use one of {', '.join(FORMATS)}")
+        raise UserError(f"fmt={fmt!r}: unknown format; use one of {', '.join(FORMATS)}")
     if not isinstance(num_files, (int, np.integer)) or num_files < 1:
-        raise ValueError(f"num_files={num_files!r}: need an integer >= 1")
+        raise UserError(f"num_files={num_files!r}: need an integer >= 1")
     if total_bytes < num_files * MIN_FILE_BYTES:
-        raise ValueError(
+        raise UserError(
             f"total_bytes={total_bytes} is too small for {num_files} files: need at least "
             f"{MIN_FILE_BYTES} bytes per file ({num_files * MIN_FILE_BYTES} in all)")
     if fmt.startswith("jsonl") and text_field == "id":
-        raise ValueError("text_field='id' collides with the jsonl id field; pick another name")
+        raise UserError("text_field='id' collides with the jsonl id field; pick another name")
 
 
 def write_corpus(out_dir: str | pathlib.Path, total_bytes: int, fmt: str, num_files: int,
@@ -291,8 +293,8 @@ def parse_size(text: str) -> int:
     """'500M' -> 500_000_000. Suffixes K, M, G are powers of 1000, as in MB/s."""
     match = _SIZE.match(str(text))
     if not match:
-        raise ValueError(f"size {text!r}: expected a number with an optional K, M or G, "
-                         "e.g. 500M")
+        raise UserError(f"size {text!r}: expected a number with an optional K, M or G, "
+                        "e.g. 500M")
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[match.group(2).upper()]
     return int(float(match.group(1)) * scale)
 
@@ -313,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         start = time.perf_counter()
         paths = write_corpus(args.out_dir, total_bytes, args.format, args.num_files,
                              args.seed, args.text_field, lines)
-    except ValueError as error:
+    except UserError as error:
         parser.error(str(error))
     seconds = time.perf_counter() - start
     disk_mb = sum(pathlib.Path(p).stat().st_size for p in paths) / 1e6

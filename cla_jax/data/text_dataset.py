@@ -9,6 +9,7 @@ training (nor into the tokenizer, which trains on the train split only).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pathlib
@@ -19,7 +20,8 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cla_jax.data.sources import TRAIN, VALIDATION, split_document_names
+from cla_jax.data.sources import split_document_names
+from cla_jax.errors import UserError
 
 DATASET_VERSION = "1.0.0"
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -82,6 +84,26 @@ class LocalTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for index, name in enumerate(names):
             yield index, {"name": name, "text": self._documents[name]}
 
+    # TFDS prints a "Downloading and preparing" banner and a "prepared" line to stdout so that
+    # a user can cancel a long download; these documents are already in memory.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _without_tfds_progress_bars():
+    """TFDS draws bars for generating and shuffling each split: four bars that flash by for
+    documents already in memory."""
+    previous = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(previous)
+
 
 def build_text_dataset(
     documents: Mapping[str, str],
@@ -96,18 +118,20 @@ def build_text_dataset(
     under an existing name raise an error instead of silently reusing stale data.
     """
     if not _DATASET_NAME.match(name):
-        raise ValueError(f"dataset name {name!r} must match {_DATASET_NAME.pattern}")
+        raise UserError(f"dataset name {name!r} must match {_DATASET_NAME.pattern}")
     splits = split_document_names(list(documents), validation_fraction, validation_names)
     builder = LocalTextBuilder(name=name, documents=documents, splits=splits, data_dir=data_dir)
-    if builder.is_prepared():
+    # is_prepared() warns about a dataset directory that does not exist yet: a first build.
+    if epath.Path(builder.data_path).exists() and builder.is_prepared():
         stored = builder.info.metadata.get("fingerprint") if builder.info.metadata else None
         if stored != builder.fingerprint:
-            raise ValueError(
+            raise UserError(
                 f"{builder.data_dir} holds other documents than those given; delete it or "
                 "choose another dataset name"
             )
     else:
-        builder.download_and_prepare()
+        with _without_tfds_progress_bars():
+            builder.download_and_prepare()
     return {split: builder.info.splits[split].num_examples for split in splits}
 
 

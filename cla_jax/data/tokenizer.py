@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from etils import epath
 
+from cla_jax.errors import UserError
+
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -182,12 +184,12 @@ class SentencePieceTokenizer(Tokenizer):
             _train_sentencepiece(texts, vocab_size, model)
         except RuntimeError as error:
             if "sentences_.empty()" in str(error):
-                raise ValueError(f"tokenizer bpe:{vocab_size}: no training text (the train "
-                                 "split is empty or all whitespace)") from None
+                raise UserError(f"tokenizer bpe:{vocab_size}: no training text (the train "
+                                "split is empty or all whitespace)") from None
             if "Vocabulary size too high" not in str(error):
                 raise
             limit = re.search(r"<= (\d+)", str(error))
-            raise ValueError(
+            raise UserError(
                 f"tokenizer bpe:{vocab_size}: its training text only supports "
                 f"{limit.group(1) if limit else 'fewer'} tokens; lower the vocabulary size or "
                 "train on more text (data.tokenizer_sample_bytes)") from None
@@ -258,8 +260,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, json_path: epath.PathLike):
         try:
             import tokenizers
-        except ImportError:
-            raise ImportError(
+        except ImportError:  # a missing package the user can install: one line, exit 2
+            raise UserError(
                 f"{json_path}: loading a tokenizer.json needs the `tokenizers` package: "
                 "pip install tokenizers"
             ) from None
@@ -333,10 +335,10 @@ def load_tokenizer(
     if match := re.fullmatch(r"bpe:(\d+)", spec):
         vocab_size = int(match.group(1))
         if cache_dir is None:
-            raise ValueError(f"tokenizer {spec!r} needs a cache_dir to keep the trained model in")
+            raise UserError(f"tokenizer {spec!r} needs a cache_dir to keep the trained model in")
         model_path = epath.Path(cache_dir) / f"bpe{vocab_size}.model"
         if not model_path.exists() and training_texts is None:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer {spec!r}: {model_path} does not exist and no training texts were given"
             )
         texts = training_texts() if not model_path.exists() else ()
@@ -346,6 +348,6 @@ def load_tokenizer(
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         return SentencePieceTokenizer.load(path) if spec.endswith(".model") else HFTokenizer(path)
-    raise ValueError(
+    raise UserError(
         f"unknown tokenizer spec {spec!r}: use 'byte', 'bpe:<vocab_size>', a .model or a .json path"
     )
