@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -19,6 +20,7 @@ from jax.sharding import Mesh
 from cla_jax import sharding
 from cla_jax.cache import CACHE_AXES, init_cache
 from cla_jax.config import ModelConfig
+from cla_jax.errors import UserError
 from cla_jax.model import Transformer
 
 
@@ -28,6 +30,17 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self):
+        # Out of range, each would sample something odd rather than fail: a negative
+        # temperature the least likely tokens, top_p 0 nothing but padding.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                            f"{self.temperature}")
+        if not 0 < self.top_p <= 1:  # also refuses nan
+            raise UserError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
 
 def sample(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
@@ -102,19 +115,22 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_
     their number divides, heads and the cache's KV heads over tensor; every process passes the
     same prompts and gets all the tokens back.
     """
+    if sampling.top_k > config.vocab_size:
+        raise UserError(f"top_k ({sampling.top_k}) exceeds the model's vocab_size "
+                        f"({config.vocab_size}); use at most {config.vocab_size}, or 0 = off")
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (an empty prompt has nothing "
-                         "to condition on; start it with the BOS token)")
+        raise UserError("every prompt needs at least one token (an empty prompt has nothing "
+                        "to condition on; start it with the BOS token)")
     bad = [t for p in prompts for t in p if not 0 <= t < config.vocab_size]
     if bad:
-        raise ValueError(f"token ids {sorted(set(bad))[:5]} are outside the model's vocabulary "
-                         f"[0, {config.vocab_size})")
+        raise UserError(f"token ids {sorted(set(bad))[:5]} are outside the model's vocabulary "
+                        f"[0, {config.vocab_size})")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > config.max_seq_len:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's max_seq_len ({config.max_seq_len})")
+        raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                        f"exceeds the model's max_seq_len ({config.max_seq_len})")
     if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     padded = np.zeros((len(prompts), longest), np.int32)
     for row, prompt in enumerate(prompts):
         padded[row, :len(prompt)] = prompt
