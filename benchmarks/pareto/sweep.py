@@ -10,12 +10,15 @@ The models are scaled-down twins of the paper's 1B design space (Table 1: d_mode
 query dims, 20 layers): d_model 128, 4 x 32 query dims, 6 layers (so CLA2 and CLA3 both divide
 the depth), SwiGLU 352 (the paper's 2.67 x d_model), each twin changing only the head size,
 head counts and grouping, as the paper's rows do. Runs already in the table are skipped, so an
-interrupted sweep continues where it stopped; each run's workdir is kept under --workdir.
+interrupted sweep continues where it stopped; each run's workdir is kept under --workdir. SIGTERM
+(a preemption) checkpoints the run in progress and ends the sweep with exit code 143 without
+recording that run; the next invocation resumes it from its checkpoint.
 """
 import csv
 import datetime
 import pathlib
 import platform
+import signal
 import sys
 import time
 
@@ -23,6 +26,7 @@ import jax
 from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2]))
+from cla_jax import checkpoint  # noqa: E402
 from cla_jax.config import ModelConfig, kv_bytes_per_token, num_params  # noqa: E402
 from cla_jax.evaluation import evaluate_checkpoint  # noqa: E402
 from cla_jax.train.loop import train_and_evaluate  # noqa: E402
@@ -38,6 +42,7 @@ MODELS = {
     "H32-GQA2": (32, 4, 2, 1),       # H128-GQA2: twice H32-MQA's bytes
     "H32-MQA-CLA3": (32, 4, 1, 3),   # H128-MQA-CLA3: a third of the bytes
 }
+EXIT_STOPPED = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
 COLUMNS = ("model", "seed", "cla", "kv_bytes_per_token", "params", "steps", "tokens_seen",
            "val_tokens", "val_ppl", "bits_per_byte", "train_s", "date", "device", "jax")
 
@@ -102,6 +107,13 @@ def main(argv):
         start = time.perf_counter()
         train_and_evaluate(config, workdir, FLAGS.cache_dir)
         train_s = time.perf_counter() - start
+        # After a SIGTERM, train_and_evaluate checkpoints and returns normally, short of the
+        # last step: that run is not finished, and the signal asks the sweep to stop too.
+        reached = max(checkpoint.good_steps(workdir / "checkpoints"), default=0)
+        if reached < FLAGS.steps:
+            print(f"    stopped at step {reached} of {FLAGS.steps}: not recorded; run the sweep "
+                  "again to resume it", flush=True)
+            raise SystemExit(EXIT_STOPPED)
         val = evaluate_checkpoint(workdir, FLAGS.cache_dir)
         row = dict(model=name, seed=seed, cla=int(len(model.groups) < model.num_layers),
                    kv_bytes_per_token=val["kv_bytes_per_token"], params=val["params"],
