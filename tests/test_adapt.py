@@ -6,7 +6,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from test_model import forward, make_config, make_params
+from test_model import forward, make_config, make_params, reference_logits
 from test_train import tiny_config
 
 from cla_jax import adapt, checkpoint
@@ -18,34 +18,51 @@ def test_cla1_to_cla1_is_unchanged():
     params = make_params(config)
     converted = adapt.convert_params(params, config, config, "keep")
     jax.tree_util.tree_map(np.testing.assert_array_equal, converted, jax.device_get(params))
+    tokens, positions = np.arange(12)[None] % 61, np.arange(12)[None]
+    np.testing.assert_array_equal(forward(config, converted, tokens, positions)[0],
+                                  forward(config, params, tokens, positions)[0])
+
+
+def numpy_cla2_params(params, recipe):
+    """What each recipe says, written out for 4 CLA1 layers -> 2 groups of 2: layer i of the
+    source is params["stage_0"]["layer_0"][...][i]; the target stacks the 2 groups."""
+    old = jax.tree_util.tree_map(np.asarray, params["stage_0"]["layer_0"])
+    layer = [jax.tree_util.tree_map(lambda x, i=i: x[i], old) for i in range(4)]
+    producers, others = [], []
+    for a, b in ((0, 1), (2, 3)):
+        producer = {k: v for k, v in layer[a].items()}
+        for name in ("key", "value"):
+            kernel = layer[a][name]["kernel"]
+            if recipe == "mean":
+                kernel = (layer[a][name]["kernel"] + layer[b][name]["kernel"]) / 2
+            producer[name] = {"kernel": kernel}
+        producer["kv_norm"] = {"scale": layer[a]["attn_norm"]["scale"]}  # what fed its K/V
+        producers.append(producer)
+        others.append({k: v for k, v in layer[b].items() if k not in ("key", "value")})
+    stacked = [jax.tree_util.tree_map(lambda *xs: np.stack(xs), *group)
+               for group in (producers, others)]
+    top = {k: jax.tree_util.tree_map(np.asarray, v) for k, v in params.items()
+           if k != "stage_0"}  # embed, final_norm, unembed: unchanged
+    return {**top, "stage_0": {"layer_0": stacked[0], "layer_1": stacked[1]}}
 
 
 @pytest.mark.parametrize("recipe", ["keep", "mean"])
-def test_cla1_to_cla2_moves_weights_as_the_recipe_says(recipe):
+def test_cla1_to_cla2_moves_every_weight_as_the_recipe_says(recipe):
     source = make_config("cla1", "mqa", num_layers=4)
     target = source.replace(kv_sharing=2)
     params = jax.device_get(make_params(source))
     new = adapt.convert_params(params, source, target, recipe)
-    old = params["stage_0"]["layer_0"]  # CLA1: 4 groups of one layer, stacked
-    for g in range(2):
-        producer, other = (jax.tree_util.tree_map(lambda x: x[g], new["stage_0"][f"layer_{i}"])
-                           for i in (0, 1))
-        a, b = 2 * g, 2 * g + 1
-        for name in ("key", "value"):
-            want = old[name]["kernel"][a] if recipe == "keep" else \
-                (old[name]["kernel"][a] + old[name]["kernel"][b]) / 2
-            np.testing.assert_allclose(producer[name]["kernel"], want, rtol=1e-6)
-        assert "key" not in other and "value" not in other and "kv_norm" not in other
-        np.testing.assert_array_equal(producer["kv_norm"]["scale"],
-                                      old["attn_norm"]["scale"][a])
-        np.testing.assert_array_equal(producer["query"]["kernel"], old["query"]["kernel"][a])
-        np.testing.assert_array_equal(other["query"]["kernel"], old["query"]["kernel"][b])
-        np.testing.assert_array_equal(other["mlp"]["up"]["kernel"],
-                                      old["mlp"]["up"]["kernel"][b])
-    np.testing.assert_array_equal(new["embed"]["embedding"], params["embed"]["embedding"])
-    tokens = np.arange(8)[None] % 61
-    logits, _ = forward(target, new, tokens, np.arange(8)[None])  # it runs as a CLA2 model
-    assert np.isfinite(np.asarray(logits)).all()
+    want = numpy_cla2_params(params, recipe)
+    # The same tree (no K/V or kv_norm for non-producers, nothing else added or lost) ...
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(want)
+    # ... and the same numbers: copies are exact, a mean of two float32 is within an ulp.
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7, atol=0),
+                           new, want)
+    # It runs as a CLA2 model, computing what the independent per-layer reference does.
+    tokens, positions = np.arange(8)[None] % 61, np.arange(8)[None]
+    logits, _ = forward(target, new, tokens, positions)
+    np.testing.assert_allclose(logits[0], reference_logits(want, target, tokens[0],
+                                                           positions[0]), rtol=1e-4, atol=1e-4)
 
 
 def test_only_the_grouping_may_change():
@@ -64,6 +81,8 @@ def test_adapted_checkpoint_uptrains_with_train_py_loop(tmp_path, corpus_glob):
     from cla_jax import sharding
     from cla_jax.data.corpus import prepare_corpus
     from cla_jax.train.loop import train_and_evaluate, validation_metrics
+    from cla_jax.train.optimizer import make_optimizer
+    from cla_jax.train.state import init_state
     from cla_jax.train.step import make_eval_step
 
     cache = tmp_path / "cache"
@@ -83,7 +102,18 @@ def test_adapted_checkpoint_uptrains_with_train_py_loop(tmp_path, corpus_glob):
     mesh = sharding.make_mesh(cla2.mesh)
     corpus = prepare_corpus(cla2.data, cache)
     params = checkpoint.restore_params_onto(tmp_path / "cla2" / "checkpoints", 0, model, mesh)
-    before = validation_metrics(make_eval_step(model, corpus.tokenizer.token_bytes(), mesh),
-                                params, corpus, cla2.train, mesh, None)["mean_nll"]
+
+    def validation_nll(model, params):
+        return validation_metrics(make_eval_step(model, corpus.tokenizer.token_bytes(), mesh),
+                                  params, corpus, cla2.train, mesh, None)["mean_nll"]
+
+    before = validation_nll(model, params)
+    # The converted model keeps most of what the source learnt: its loss is far nearer the
+    # source's than a fresh CLA2 model's (measured: source 4.20, converted 4.26, fresh 5.59).
+    source_model = ModelConfig.from_dict(base.model)
+    source = validation_nll(source_model, checkpoint.restore_params_onto(
+        tmp_path / "mqa" / "checkpoints", 8, source_model, mesh))
+    fresh = validation_nll(model, init_state(model, make_optimizer(cla2.train), 1, mesh).params)
+    assert before - source < 0.25 * (fresh - source)
     after = train_and_evaluate(cla2, tmp_path / "cla2", cache)["mean_nll"]  # resumes at 0
     assert after < before

@@ -168,14 +168,32 @@ def test_eval_nll_matches_an_independent_numpy_loop(tmp_path, corpus_glob):
                                rtol=1e-5)
 
 
-def test_non_finite_loss_stops_before_a_poisoned_checkpoint(tmp_path, corpus_glob):
-    config = tiny_config(corpus_glob, checkpoint_every=1, log_every=1)
-    config.train.learning_rate = 1e30
-    with pytest.raises(NonFiniteLossError, match=r"at step (\d+); no checkpoint") as err:
+def test_non_finite_loss_names_its_step_among_several_pending(tmp_path, corpus_glob,
+                                                              monkeypatch):
+    """Steps 5, 6, 7 run ahead unchecked between the checkpoint at 4 and the one due at 8; the
+    loss turns NaN at step 6 (injected into the real step's metrics, on device, without a
+    sync): the error must name step 6, not the step at which it was noticed."""
+    import jax.numpy as jnp
+
+    from cla_jax.train import loop
+    bad_step, real_make_train_step = 6, loop.make_train_step
+
+    def make_poisoned_train_step(*args, **kwargs):
+        real_step = real_make_train_step(*args, **kwargs)
+
+        def step(state, batch):
+            state, metrics = real_step(state, batch)
+            return state, {**metrics, "loss": jnp.where(state.step == bad_step, jnp.nan,
+                                                        metrics["loss"])}
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", make_poisoned_train_step)
+    config = tiny_config(corpus_glob, steps=12, log_every=100, eval_every=100,
+                         checkpoint_every=4)
+    with pytest.raises(NonFiniteLossError, match=f"at step {bad_step}; no checkpoint was "
+                                                 f"written after step {bad_step - 1}"):
         train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
-    bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
-    steps = checkpoint.good_steps(tmp_path / "run" / "checkpoints")
-    assert steps and max(steps) == bad_step - 1
+    assert checkpoint.good_steps(tmp_path / "run" / "checkpoints") == [4]
 
 
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, corpus_glob):
@@ -247,10 +265,18 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, corpus_glob):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
+    def sentinel(signum, frame):  # the process's own handler, from before training
+        raise AssertionError("SIGTERM reached the handler installed before training")
+
     threading.Thread(target=preempt, daemon=True).start()
-    train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+    previous = signal.signal(signal.SIGTERM, sentinel)
+    try:
+        train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert after is sentinel  # training put the previous handler back
     steps = checkpoint.good_steps(tmp_path / "run" / "checkpoints")
     assert len(steps) == 1 and 1 <= steps[0] < 100_000
     step, meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints")
     assert meta["data"] and meta["step"] == step
-    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
