@@ -7,7 +7,6 @@
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import flags, logging
 from flax import linen as nn
@@ -18,6 +17,7 @@ from cla_jax.cache import kv_bytes
 from cla_jax.config import ModelConfig, kv_bytes_per_token
 from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.decoding import Sampling, generate
+from cla_jax.errors import UserError
 from cla_jax.model import abstract_params, init_params
 from cla_jax.storage import as_path
 
@@ -45,22 +45,20 @@ def main(argv):
         texts += [line.rstrip("\n") for line in
                   as_path(FLAGS.prompt_file).read_text(encoding="utf-8").splitlines()]
     if not texts or any(not t for t in texts):
-        raise ValueError("give at least one non-empty --prompt or a --prompt_file")
+        raise UserError("give at least one non-empty --prompt or a --prompt_file")
     if FLAGS.random_init:
         if FLAGS.config is None:
-            raise ValueError("--random_init needs --config=configs/<file>.py")
+            raise UserError("--random_init needs --config=configs/<file>.py")
         config, step = FLAGS.config, "random init"
         model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(FLAGS.config)
         params = jax.jit(lambda: nn.meta.unbox(init_params(model, jax.random.key(FLAGS.seed))),
                          out_shardings=sharding.param_shardings(abstract_params(model), mesh))()
     else:
         if FLAGS.workdir is None:
-            raise ValueError("give --workdir (a training run) or --random_init --config=...")
-        ckpt_dir = as_path(FLAGS.workdir) / "checkpoints"
-        step, meta = checkpoint.read_meta(ckpt_dir, FLAGS.step)
-        config = ml_collections.ConfigDict(meta["config"])
-        model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(config)
-        params = checkpoint.restore_params_onto(ckpt_dir, step, model, mesh)
+            raise UserError("give --workdir (a training run) or --random_init --config=...")
+        run = checkpoint.restore_model(as_path(FLAGS.workdir) / "checkpoints", FLAGS.step,
+                                       cli.mesh_spec())
+        step, config, model, mesh, params = run
     tokenizer = corpus_tokenizer(config.data, FLAGS.cache_dir, max_vocab_size=model.vocab_size)
     prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
     sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)

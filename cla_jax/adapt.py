@@ -14,7 +14,6 @@ optimizer state in a new workdir, which train.py then trains as a new run.
 """
 from __future__ import annotations
 
-
 import jax
 import ml_collections
 import numpy as np
@@ -109,20 +108,18 @@ def adapt_checkpoint(from_workdir, step: int | None, config: ml_collections.Conf
     the checkpoint in `from_workdir`, and a fresh optimizer state. Returns its directory."""
     source_dir = as_path(from_workdir) / "checkpoints"
     target_dir = as_path(workdir) / "checkpoints"
-    try:
-        step, meta = checkpoint.read_meta(source_dir, step)
-    except checkpoint.CheckpointError as error:
-        raise checkpoint.CheckpointError(f"--from_workdir: {error}") from error
-    source = ModelConfig.from_dict(meta["config"]["model"])
-    target = ModelConfig.from_dict(config.model)
-    check_adaptable(source, target)
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; use one of {RECIPES}")
-    params = checkpoint.restore_params_onto(source_dir, step, source,
-                                           sharding.single_device_mesh())
-    return write_first_step(target_dir, config, convert_params(params, source, target, recipe),
-                            {"adapted_from": {"workdir": str(source_dir.parent), "step": step,
-                                              "recipe": recipe}})
+    try:
+        run = checkpoint.restore_model(source_dir, step, sharding.single_device_mesh())
+    except checkpoint.CheckpointError as error:
+        raise checkpoint.CheckpointError(f"--from_workdir: {error}") from error
+    target = ModelConfig.from_dict(config.model)
+    check_adaptable(run.model, target)
+    return write_first_step(target_dir, config,
+                            convert_params(run.params, run.model, target, recipe),
+                            {"adapted_from": {"workdir": str(source_dir.parent),
+                                              "step": run.step, "recipe": recipe}})
 
 
 def _layout(tree) -> dict:

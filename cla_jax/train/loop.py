@@ -112,6 +112,24 @@ def check_data_order(saved: dict | None, current: dict, where) -> None:
             "--restart_data to start this data from its first batch")
 
 
+def check_meta_model(meta: dict, model: ModelConfig, workdir) -> None:
+    saved = ModelConfig.from_dict(meta["config"]["model"]).to_dict()
+    checkpoint.check_same_model(saved, model.to_dict(), workdir)
+
+
+def restores_data(meta: dict, restart_data: bool) -> bool:
+    """Whether a resume takes the saved data position (a run made by cla_jax.adapt has
+    none)."""
+    return meta.get("data") is not None and not restart_data
+
+
+def resume_line(resumed: checkpoint.Resumed, ckpt_dir, data_restored: bool) -> str:
+    moved = [f"checkpoint step {error.step} is damaged ({error.problem}); moved it to "
+             f"{target}, every byte kept; " for error, target in resumed.set_aside]
+    return ("".join(moved) + f"resumed from step {resumed.step} in {ckpt_dir}" +
+            ("" if data_restored else "; the data starts from its first batch"))
+
+
 def train_and_evaluate(config, workdir, cache_dir,
                        stop_at_step: int | None = None, devices=None,
                        restart_data: bool = False):
@@ -129,37 +147,38 @@ def train_and_evaluate(config, workdir, cache_dir,
     train = config.train
     mesh = sharding.make_mesh(config.get("mesh"), devices)
     ckpt_dir = workdir / "checkpoints"
-    latest = checkpoint.good_steps(ckpt_dir)
-    if latest:  # Refuse a foreign run before writing anything into its workdir.
-        _, meta = checkpoint.read_meta(ckpt_dir, latest[-1])
-        saved = ModelConfig.from_dict(meta["config"]["model"]).to_dict()
-        checkpoint.check_same_model(saved, model.to_dict(), workdir)
     check_train_config(train, model, mesh)
     corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
     order = data_order(train, corpus)
-    # No data position in a new run made by cla_jax.adapt.
-    restore_data = bool(latest) and meta.get("data") is not None and not restart_data
-    if restore_data:
-        check_data_order(meta.get("data_order"), order, f"{ckpt_dir} step {latest[-1]}")
     optimizer = make_optimizer(train)
     train_step = make_train_step(model, optimizer, train.grad_accum_steps, mesh)  # checks mesh
     eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
 
+    def check_resumable(step: int, meta: dict) -> None:
+        """Refuses another run's checkpoint, on the meta of the step about to be restored,
+        before anything is written into the workdir."""
+        check_meta_model(meta, model, workdir)
+        if restores_data(meta, restart_data):
+            check_data_order(meta.get("data_order"), order, f"{ckpt_dir} step {step}")
+
+    # Onto this mesh, whatever mesh saved it; damaged steps are set aside, never deleted.
+    resumed = checkpoint.restore_newest_state(ckpt_dir, abstract_state(model, optimizer, mesh),
+                                              check_resumable)
     data = train_batches(corpus.train, train.seq_len, train.batch_size, train.seed,
                          *sharding.data_share(mesh))
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=train.keep_checkpoints)
-    if latest:  # onto this mesh, whatever mesh saved it
-        state, meta = checkpointer.restore(latest[-1], abstract_state(model, optimizer, mesh))
-        if restore_data:
-            data.set_state(meta["data"])
-        say(f"resumed from step {latest[-1]} in {ckpt_dir}" +
-            ("" if restore_data else "; the data starts from its first batch"))
+    if resumed:
+        state = resumed.state
+        if restores_data(resumed.meta, restart_data):
+            data.set_state(resumed.meta["data"])
+        say(resume_line(resumed, ckpt_dir, restores_data(resumed.meta, restart_data)))
     else:
         state = init_state(model, optimizer, train.seed, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Made after any set-aside: orbax lists the steps it may garbage-collect when it starts.
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=train.keep_checkpoints)
 
     schedule = learning_rate_schedule(train)
-    writer = MetricsWriter(workdir, resumed_step=int(state.step) if latest else None)
+    writer = MetricsWriter(workdir, resumed_step=resumed.step if resumed else None)
     flops_per_token, peak = train_flops_per_token(model, train.seq_len), peak_flops(mesh.size)
     say(f"model: {num_params(model):,} params, layer groups {list(model.groups)}, KV cache "
         f"{kv_bytes_per_token(model)} bytes/token at 16 bit; corpus: {len(corpus.train):,} train "
@@ -199,7 +218,7 @@ def train_and_evaluate(config, workdir, cache_dir,
                       "grad_norm": float(fetched[-1]["grad_norm"]),
                       "learning_rate": float(schedule(step - 1)),
                       "tokens_per_s": tokens / seconds}
-            record["ppl"] = math.exp(record["loss"])
+            record["ppl"] = evaluation.safe_exp(record["loss"])
             if peak:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
             writer.write(step, "train", record)
