@@ -1,4 +1,5 @@
-# The two set-up commands of the README. Each builds .venv from requirements.txt when needed.
+# The two set-up commands of the README. Each builds .venv from requirements.txt when needed
+# (it installs this checkout, editable, with the dependencies pyproject.toml lists).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ CACHE ?= $(HOME)/.cache/cla-jax
 
 .PHONY: demo test clean
 
-$(VENV)/installed: requirements.txt
+$(VENV)/installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

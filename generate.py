@@ -3,92 +3,10 @@
     python generate.py --workdir=workdir/demo --prompt="ROMEO:" --max_new_tokens=100
     python generate.py --workdir=workdir/demo --prompt_file=prompts.txt --temperature=0
     python generate.py --random_init --config=configs/default.py --prompt="x"   # smoke test
+
+The command itself is cla_jax/scripts/generate.py (also installed as `cla-generate`).
 """
-import time
-
-import jax
-import numpy as np
-from absl import flags, logging
-from flax import linen as nn
-from ml_collections import config_flags
-
-from cla_jax import checkpoint, cli, sharding
-from cla_jax.cache import kv_bytes
-from cla_jax.config import ModelConfig, kv_bytes_per_token
-from cla_jax.data.corpus import corpus_tokenizer
-from cla_jax.decoding import Sampling, generate
-from cla_jax.errors import UserError
-from cla_jax.model import abstract_params, init_params
-from cla_jax.storage import as_path
-
-flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
-flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest usable one).")
-flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate per prompt.")
-flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (1.0 = off).")
-flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
-flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "float16"],
-                  "KV-cache dtype (default: float32 on CPU, bfloat16 on accelerators).")
-flags.DEFINE_bool("random_init", False, "Use freshly initialised params from --config instead "
-                  "of a checkpoint (smoke tests).")
-config_flags.DEFINE_config_file("config", None, "With --random_init: the config to build.")
-cli.define_mesh_flag()
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    logging.set_verbosity(logging.WARNING)
-    texts = list(FLAGS.prompt)
-    if FLAGS.prompt_file:
-        texts += [line.rstrip("\n") for line in
-                  as_path(FLAGS.prompt_file).read_text(encoding="utf-8").splitlines()]
-    if not texts or any(not t for t in texts):
-        raise UserError("give at least one non-empty --prompt or a --prompt_file")
-    if FLAGS.random_init:
-        if FLAGS.config is None:
-            raise UserError("--random_init needs --config=configs/<file>.py")
-        config, step = FLAGS.config, "random init"
-        model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(FLAGS.config)
-        params = jax.jit(lambda: nn.meta.unbox(init_params(model, jax.random.key(FLAGS.seed))),
-                         out_shardings=sharding.param_shardings(abstract_params(model), mesh))()
-    else:
-        if FLAGS.workdir is None:
-            raise UserError("give --workdir (a training run) or --random_init --config=...")
-        run = checkpoint.restore_model(as_path(FLAGS.workdir) / "checkpoints", FLAGS.step,
-                                       cli.mesh_spec())
-        step, config, model, mesh, params = run
-    tokenizer = corpus_tokenizer(config.data, FLAGS.cache_dir, max_vocab_size=model.vocab_size)
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
-    sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    rng = jax.random.key(FLAGS.seed)
-
-    def run(new_tokens):
-        start = time.perf_counter()
-        out = jax.block_until_ready(generate(model, params, prompts, new_tokens, sampling, rng,
-                                             tokenizer.bos_id, FLAGS.cache_dtype, mesh))
-        return out, time.perf_counter() - start
-
-    _, compile_s = run(FLAGS.max_new_tokens)  # the first call compiles; time the second
-    (tokens, cache), seconds = run(FLAGS.max_new_tokens)
-    run(1)
-    _, prefill_s = run(1)
-    if jax.process_index() != 0:
-        return  # every process computed all the tokens; one prints them
-    tokens = np.asarray(tokens)
-    for text, row in zip(texts, tokens):
-        end = np.flatnonzero(row == tokenizer.bos_id)
-        row = row[:end[0]] if len(end) else row
-        print(f"--- {text!r} (step {step})\n{text}{tokenizer.decode(row.tolist())}\n")
-    generated = int((tokens != 0).sum())
-    element = cache.stages[0].key.dtype.itemsize
-    print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.0f} tokens/s; prefill "
-          f"{prefill_s * 1e3:.0f} ms; first call with compilation {compile_s:.1f} s); KV cache "
-          f"{kv_bytes(cache):,} bytes for {len(prompts)} x {cache.max_length} positions = "
-          f"{kv_bytes_per_token(model, element)} bytes/token at {cache.stages[0].key.dtype} "
-          f"({model.num_kv_layers} of {model.num_layers} layers cache K/V)")
-
+from cla_jax.scripts.generate import run
 
 if __name__ == "__main__":
-    cli.start(main)
+    run()

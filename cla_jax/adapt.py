@@ -161,7 +161,9 @@ def main(argv):
           f"python train.py --config=<the same config> --workdir={f.workdir}")
 
 
-if __name__ == "__main__":
+def run():
+    """The command line (cla-adapt); its flags are defined here, so importing the module
+    defines none."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -174,3 +176,7 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "The target config (the CLA twin).")
     flags.mark_flags_as_required(["from_workdir", "config", "workdir"])
     cli.start(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -55,7 +55,9 @@ def main(argv):
     print(f"  capacity ratio: {r['capacity_ratio']:.3f}x")
 
 
-if __name__ == "__main__":
+def run():
+    """The command line (cla-capacity); its flags are defined here, so importing the module
+    defines none."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -66,3 +68,7 @@ if __name__ == "__main__":
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Cache dtype.")
     flags.mark_flags_as_required(["config"])
     cli.start(main)
+
+
+if __name__ == "__main__":
+    run()

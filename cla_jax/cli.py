@@ -13,6 +13,7 @@ change of input (2) or of settings (3):
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 import traceback
 
@@ -62,7 +63,25 @@ def _fail(error: BaseException):
     raise SystemExit(EXIT_USER_ERROR)
 
 
+def _config_package_roots(argv) -> list[str]:
+    """For each .py file given as a flag value inside a Python package (configs/paper/x.py
+    imports `configs.paper.common`), the directory above that package: with it on sys.path
+    the config loads from any working directory, as an installed console script needs."""
+    roots = []
+    for value in argv[1:]:
+        path = pathlib.Path(value.split("=", 1)[-1]).expanduser()
+        if path.suffix != ".py" or not path.is_file():
+            continue
+        root = path.resolve().parent
+        while (root / "__init__.py").is_file():
+            root = root.parent
+        if root != path.resolve().parent and str(root) not in sys.path:
+            roots.append(str(root))
+    return roots
+
+
 def _parse_flags(argv):
+    sys.path[1:1] = _config_package_roots(argv)
     try:
         rest = flags.FLAGS(argv)
     except (flags.Error, *CONFIG_PARSE_ERRORS) as error:

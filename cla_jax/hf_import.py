@@ -187,7 +187,9 @@ def main(argv):
           f"{as_path(f.workdir) / 'config.py'}")
 
 
-if __name__ == "__main__":
+def run():
+    """The command line (cla-hf-import); its flags are defined here, so importing the module
+    defines none."""
     from absl import flags
 
     from cla_jax import cli
@@ -200,3 +202,7 @@ if __name__ == "__main__":
                         "and train.py read: shakespeare, files:<glob>, tfds:<name>.")
     flags.mark_flags_as_required(["hf_dir", "workdir"])
     cli.start(main)
+
+
+if __name__ == "__main__":
+    run()

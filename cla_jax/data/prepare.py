@@ -39,5 +39,9 @@ def main(argv):
         print("  every shard matches its crc32")
 
 
-if __name__ == "__main__":
+def run():
     cli.start(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,11 +1,11 @@
-"""Train a CLA language model; resumes from the workdir's latest checkpoint.
+"""Train a CLA language model (train.py, cla-train); resumes from the latest checkpoint.
 
     python train.py --config=configs/default.py --workdir=workdir/demo
-    python train.py --config=configs/paper/1b_h128_mqa_cla2.py --config.data.source=tfds:lm1b \
+    cla-train --config=configs/paper/1b_h128_mqa_cla2.py --config.data.source=tfds:lm1b \
         --workdir=runs/cla2
 """
 import jax
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from cla_jax import cli
@@ -22,7 +22,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    logging.set_verbosity(logging.WARNING)
     metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.cache_dir,
                                  flags.FLAGS.stop_at_step, restart_data=flags.FLAGS.restart_data)
     if metrics and jax.process_index() == 0:
@@ -30,5 +29,9 @@ def main(argv):
               f"bits/byte {metrics['bits_per_byte']:.3f} on {metrics['tokens']:,} tokens")
 
 
-if __name__ == "__main__":
+def run():
     cli.start(main)
+
+
+if __name__ == "__main__":
+    run()
