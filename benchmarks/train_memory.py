@@ -40,7 +40,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", default="4,8,16,32", help="comma-separated layer counts")
     p.add_argument("--remats", default=",".join(REMAT_POLICIES),
-                   help=f"comma-separated model.remat policies, of {REMAT_POLICIES}")
+                   help=f"comma-separated model.remat policies, of {tuple(REMAT_POLICIES)}")
     p.add_argument("--kv_sharing", type=int, default=2, help="CLA sharing factor (1 = no CLA)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=512)
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     args.remats = [r.strip() for r in args.remats.split(",") if r.strip()]
     unknown = [r for r in args.remats if r not in REMAT_POLICIES]
     if unknown or not args.remats or not args.depths:
-        p.error(f"need depths and remat policies from {REMAT_POLICIES}; unknown: {unknown}")
+        p.error(f"need depths and remat policies from {tuple(REMAT_POLICIES)}; unknown: {unknown}")
     if any(d % args.kv_sharing for d in args.depths):
         p.error(f"every depth must be a multiple of --kv_sharing={args.kv_sharing}")
     return args

@@ -13,7 +13,10 @@ from typing import Any, Mapping
 from cla_jax.errors import UserError
 
 ATTENTION_KINDS = ("auto", "xla", "cudnn", "reference")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# model.remat -> the jax.checkpoint_policies policy a layer group saves its activations by in
+# the backward pass (None: no remat). Named here once, as strings, so this module needs no jax.
+REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "checkpoint_dots",
+                  "dots_no_batch": "checkpoint_dots_with_no_batch_dims"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -167,7 +170,7 @@ def _validate(c: ModelConfig) -> None:
     if c.attention not in ATTENTION_KINDS:
         fail(f"model.attention must be one of {ATTENTION_KINDS}, got {c.attention!r}")
     if c.remat not in REMAT_POLICIES:
-        fail(f"model.remat must be one of {REMAT_POLICIES}, got {c.remat!r}")
+        fail(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {c.remat!r}")
 
 
 def kv_bytes_per_token(config: ModelConfig, bytes_per_element: int = 2) -> int:

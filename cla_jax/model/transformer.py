@@ -14,16 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from cla_jax.cache import CACHE_AXES, KVCache, StageCache
-from cla_jax.config import ModelConfig
+from cla_jax.config import REMAT_POLICIES, ModelConfig
 from cla_jax.model.attention import attend
 from cla_jax.model.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, projection
 from cla_jax.sharding import constrain
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole group in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def write_cache(cache_GBSKH: jax.Array, group: jax.Array, new_BTKH: jax.Array,
@@ -100,8 +94,9 @@ def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_
                   name: str) -> nn.Module:
     """A stage: `num_groups` equal groups as one nn.scan; params get a leading `layers` axis."""
     group = CLAGroup
-    if config.remat != "none":
-        group = nn.remat(CLAGroup, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+    if REMAT_POLICIES[config.remat] is not None:
+        policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[config.remat])
+        group = nn.remat(CLAGroup, policy=policy, prevent_cse=False)
     return nn.scan(
         group, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast), length=num_groups,

@@ -21,6 +21,7 @@ from cla_jax.config import (
 )
 from cla_jax.data import eval_batches, train_batches
 from cla_jax.data.corpus import Corpus, prepare_corpus
+from cla_jax.errors import UserError
 from cla_jax.model import abstract_params
 from cla_jax.storage import as_path
 from cla_jax.train.metrics import MetricsWriter, peak_flops
@@ -29,8 +30,9 @@ from cla_jax.train.state import abstract_state, init_state
 from cla_jax.train.step import make_eval_step, make_train_step
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged. Rerunning the same settings diverges again, so it is reported like
+    bad input (one line, exit 2): the message says which step and what to change."""
 
 
 def say(message: str) -> None:
