@@ -14,9 +14,11 @@ MurmurHash3's finalizer). Why this form:
   bit of any word (w changes by +-2^b) always changes the sum, and random damage goes unseen
   with probability 2^-32, as with a crc32; the multipliers differ by position, so swapped or
   shifted words are caught too;
-- the multipliers factor over axes, so each word costs one multiply-add (the axes are summed
-  innermost first): on a CPU, where XLA's integer reductions are slow, this is twice as fast
-  as a multiplier hashed per word.
+- the multipliers factor over axes, so each word costs one multiply-add; the axes are summed
+  outermost first, because XLA:CPU fuses the widening and the multiply into a reduction over
+  the leading axis of a stacked [layers, ...] weight (temporaries: the size of one layer,
+  tested), not into one over the minor axis (temporaries: the whole array). 2-D arrays (the
+  embeddings) still get a temporary of their own size on CPU.
 It detects damage, not tampering: it is not a cryptographic hash.
 """
 from __future__ import annotations
@@ -60,8 +62,12 @@ def _words(x: jax.Array) -> jax.Array:
 def leaf_checksum(x: jax.Array) -> jax.Array:
     """uint32 scalar: `x`'s checksum (jit-compatible)."""
     acc = _words(x)
-    for axis in reversed(range(acc.ndim)):  # the innermost axis first
-        acc = jnp.sum(acc * axis_multipliers(acc.shape[-1], axis), axis=-1, dtype=jnp.uint32)
+    for axis in range(acc.ndim):
+        # The outermost axis first: XLA fuses the widening and the multiply into a reduction
+        # over the leading axis, while one over the minor axis (on CPU) first writes the
+        # whole array of products, a temporary as large as the state being checksummed.
+        multipliers = axis_multipliers(acc.shape[0], axis).reshape(-1, *[1] * (acc.ndim - 1))
+        acc = jnp.sum(acc * multipliers, axis=0, dtype=jnp.uint32)
     return acc
 
 

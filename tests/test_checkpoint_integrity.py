@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from test_train import ROOT, final_params, tiny_config
 
 from cla_jax import checkpoint, sharding
-from cla_jax.checksum import tree_checksums
+from cla_jax.checksum import leaf_checksum, tree_checksums
 from cla_jax.config import ModelConfig
 from cla_jax.evaluation import evaluate_checkpoint
 from cla_jax.train.loop import train_and_evaluate
@@ -74,6 +74,14 @@ def test_checksum_equals_numpy_and_is_the_same_on_any_sharding():
     sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in arrays.items()}
     assert len(sharded["f32"].sharding.device_set) == 8
     assert tree_checksums(sharded) == expected
+
+
+def test_the_checksum_of_stacked_layers_needs_no_copy_of_them():
+    # A stacked [layers, d, f] weight (most of a deep model's bytes): the compiled checksum's
+    # temporaries hold one layer's partial sums, not the products of the whole array.
+    stacked = jax.ShapeDtypeStruct((8, 256, 512), jnp.float32)
+    compiled = jax.jit(leaf_checksum).lower(stacked).compile().memory_analysis()
+    assert compiled.temp_size_in_bytes < 0.25 * 8 * 256 * 512 * 4, compiled.temp_size_in_bytes
 
 
 def test_any_single_flipped_bit_changes_the_checksum():
