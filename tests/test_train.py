@@ -203,8 +203,9 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, cor
     other = tiny_config(corpus_glob, steps=6)
     other.model.num_layers = 4
     with pytest.raises(checkpoint.CheckpointError, match="num_layers: saved 3 vs now 4"):
-        train_and_evaluate(other, tmp_path / "run", tmp_path / "cache")
+        train_and_evaluate(other, tmp_path / "run", tmp_path / "other_cache")
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+    assert not (tmp_path / "other_cache").exists()  # refused before its corpus was prepared
 
 
 def test_missing_corpus_is_one_clear_error(tmp_path, corpus_glob):

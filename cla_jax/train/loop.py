@@ -119,6 +119,18 @@ def check_meta_model(meta: dict, model: ModelConfig, workdir) -> None:
     checkpoint.check_same_model(saved, model.to_dict(), workdir)
 
 
+def refuse_another_model(ckpt_dir, model: ModelConfig, workdir) -> None:
+    """The model check on the newest step's meta, early: before a corpus is prepared, which
+    can take hours. (A damaged meta is left to the restore, which reports and sets it aside.)"""
+    steps = checkpoint.committed_steps(ckpt_dir)
+    try:
+        meta = checkpoint.read_meta(ckpt_dir, steps[-1])[1] if steps else None
+    except checkpoint.DamagedCheckpointError:
+        meta = None
+    if meta is not None:
+        check_meta_model(meta, model, workdir)
+
+
 def restores_data(meta: dict, restart_data: bool) -> bool:
     """Whether a resume takes the saved data position (a run made by cla_jax.adapt has
     none)."""
@@ -150,6 +162,7 @@ def train_and_evaluate(config, workdir, cache_dir,
     mesh = sharding.make_mesh(config.get("mesh"), devices)
     ckpt_dir = workdir / "checkpoints"
     check_train_config(train, model, mesh)
+    refuse_another_model(ckpt_dir, model, workdir)
     corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
     order = data_order(train, corpus)
     optimizer = make_optimizer(train)
