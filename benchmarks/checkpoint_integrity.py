@@ -66,17 +66,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def timed(fn, repeats: int, setup=lambda: None) -> list[float]:
-    """Seconds of each of `repeats` calls of fn() after one untimed call (compiles); setup()
-    runs untimed before every call."""
-    setup()
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        setup()
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
+def timed(fns: dict, repeats: int, setup=lambda: None) -> dict[str, list[float]]:
+    """Seconds of each of `repeats` calls of every fn in `fns`, taking turns and reversing the
+    order every round (a b, b a, a b...), so that drift in the disk's or the machine's speed
+    and the after-effects of the previous call (page-cache writeback) hit all alike, after one
+    untimed round (compiles, first touches); setup() runs untimed before every call."""
+    times = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in list(fns.items())[::1 if round_ % 2 else -1]:
+            setup()
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            if round_:
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -114,25 +116,27 @@ def measure(name: str, state, target, work: pathlib.Path, repeats: int) -> dict:
     directory = work / name
     fresh = lambda: shutil.rmtree(directory, ignore_errors=True)  # noqa: E731
     items = {"params": state.params, "opt_state": state.opt_state}
-    repeats_s = dict(
-        checksum=timed(lambda: tree_checksums(items), repeats),
-        save=timed(lambda: save_checked(directory, state), repeats, fresh),
-        save_plain=timed(lambda: save_plain(directory, items), repeats, fresh))
+    jax.block_until_ready(items)  # the state's initialisation is asynchronous: not timed
+    repeats_s = timed(dict(checksum=lambda: tree_checksums(items)), repeats)
+    repeats_s.update(timed(dict(save=lambda: save_checked(directory, state),
+                                save_plain=lambda: save_plain(directory, items)),
+                           repeats, fresh))
     fresh()
     save_checked(directory, state)
     step_dir = directory / "1"
     if isinstance(state, ParamsOnly):
-        repeats_s["restore"] = timed(
-            lambda: checkpoint.restore_params(directory, 1, target.params), repeats)
-        repeats_s["restore_plain"] = timed(
-            lambda: checkpoint._read_arrays(1, step_dir / "params", target.params), repeats)
+        restores = dict(
+            restore=lambda: checkpoint.restore_params(directory, 1, target.params),
+            restore_plain=lambda: checkpoint._read_arrays(1, step_dir / "params",
+                                                          target.params))
     else:
         meta = checkpoint.read_meta(directory, 1)[1]
-        repeats_s["restore"] = timed(
-            lambda: checkpoint.restore_state(directory, 1, target, meta), repeats)
-        repeats_s["restore_plain"] = timed(lambda: [
-            checkpoint._read_arrays(1, step_dir / item, getattr(target, item))
-            for item in ("params", "opt_state")], repeats)
+        restores = dict(
+            restore=lambda: checkpoint.restore_state(directory, 1, target, meta),
+            restore_plain=lambda: [
+                checkpoint._read_arrays(1, step_dir / item, getattr(target, item))
+                for item in ("params", "opt_state")])
+    repeats_s.update(timed(restores, repeats))
     fresh()
     figures = dict(bytes=nbytes(items), repeats_s=repeats_s,
                    **{f"{k}_s": statistics.median(v) for k, v in repeats_s.items()})
