@@ -163,7 +163,7 @@ def test_an_intact_copy_evaluates(trained, tmp_path):
     (lambda d: flip_byte(index_file(d)), r"6/params array \[.*\] cannot be read \(DATA_LOSS "),
     (lambda d: truncate(index_file(d)), r"6/params array \[.*\] cannot be read \(OUT_OF_RANGE "),
     (lambda d: replace_params(d, d.parent / "4"), r"6/params array \[.*\] does not match its "
-                                                  r"checksum \(saved [0-9a-f]{16}, read "),
+                                                  r"checksum \(saved [0-9a-f]{8}, read "),
     (lambda d: meta_file(d).write_text('{"step": 6, "conf'), r"6/meta is not readable JSON"),
     (lambda d: meta_file(d).write_text(meta_file(d).read_text().replace('"step": 6', '"step": 5')
                                        ), r"6/meta does not match its crc32"),
