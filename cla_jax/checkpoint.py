@@ -223,7 +223,7 @@ def _drop_closed_loop_callbacks() -> None:
     """After a failed read, orbax has closed its event loop while TensorStore still finishes
     the other reads of the batch; each of their callbacks then reports 'Event loop is closed'
     through sys.unraisablehook, a traceback apiece under the one line that matters. Those, and
-    only those, are dropped."""
+    only those, are dropped (the filter is installed once, before the first read)."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_callbacks", False):
         return
@@ -251,11 +251,13 @@ def _read_arrays(step: int, item_dir: epath.Path, target):
     with the same outcome."""
     handler = ocp.StandardCheckpointHandler()
     restored, error = None, None
+    # Installed before the read: the other reads' callbacks can fire before a failed read's
+    # exception reaches us.
+    _drop_closed_loop_callbacks()
     try:
         restored = handler.restore(item_dir, args=ocp.args.StandardRestore(target))
     except Exception as caught:  # noqa: BLE001 (classified below)
         error = caught
-        _drop_closed_loop_callbacks()
     finally:
         handler.close()
     local = 0 if error is None else 2 if _is_transient(error) else 1
