@@ -34,13 +34,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
-from benchmarks.common import (  # noqa: E402
-    environment,
-    model_from_config_file,
-    provenance,
-    publish,
-    today,
-)
+from benchmarks.common import model_from_config_file, provenance, publish, report  # noqa: E402
 from cla_jax import checkpoint, sharding  # noqa: E402
 from cla_jax.checksum import tree_checksums  # noqa: E402
 from cla_jax.config import num_params  # noqa: E402
@@ -197,13 +191,11 @@ def run(args) -> dict:
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    return dict(
-        benchmark="checkpoint_integrity",
-        date=today(),
+    return report(
+        "checkpoint_integrity",
         what=("seconds to checksum, save (Checkpointer.save + wait; plain = the same orbax save "
               "without checksums) and restore (read + verify; plain = the same orbax read) a "
               "state on one device; medians; overhead = with / plain - 1"),
-        environment=environment(),
         settings=dict(repeats=args.repeats, mesh="1 device",
                       work_dir="tmpfs/disk of this machine" if not args.work_dir
                       else args.work_dir),

@@ -35,6 +35,12 @@ def environment() -> dict:
                 platform=f"{platform.system()} {platform.machine()}")
 
 
+def report(benchmark: str, what: str, settings: dict, **results) -> dict:
+    """The results file's layout: name, date, what is measured, where, with which settings."""
+    return dict(benchmark=benchmark, date=today(), what=what, environment=environment(),
+                settings=settings, **results)
+
+
 def device_slug() -> str:
     kind = jax.devices()[0].device_kind
     return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or jax.default_backend()

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
-from benchmarks.common import environment, provenance, publish, today  # noqa: E402
+from benchmarks.common import provenance, publish, report  # noqa: E402
 from benchmarks.compile_time import BASE_MODEL  # noqa: E402
 from cla_jax import ModelConfig, sharding  # noqa: E402
 from cla_jax.config import REMAT_POLICIES  # noqa: E402
@@ -102,13 +102,11 @@ def run(args) -> dict:
         if deep > shallow:
             per_layer[remat] = (at[deep]["temporaries"] - at[shallow]["temporaries"]) / (
                 deep - shallow)
-    return dict(
-        benchmark="train_memory",
-        date=today(),
+    return report(
+        "train_memory",
         what=("XLA buffer assignment of the jitted train step (forward, backward, AdamW, state "
               "donated) from compiled.memory_analysis(); peak = arguments + outputs - aliased "
               "+ temporaries; exact for this backend, no timing"),
-        environment=environment(),
         settings=dict(batch=args.batch, seq_len=args.seq_len, kv_sharing=args.kv_sharing,
                       depths=args.depths, remats=args.remats),
         model=BASE_MODEL,
