@@ -166,12 +166,12 @@ class XsYsGroup(transformer.CLAGroup):
         return (x_BTD, group + 1), tuple(a[0] for a in kv)
 
 
-def xs_ys_stage(config, group_size, num_groups, causal_only, name):
+def xs_ys_stage(config, group_size, num_groups, causal_only, kv_window, name):
     """A drop-in for `transformer.scanned_stage` (same params) built on `XsYsGroup`."""
     stage = nn.scan(XsYsGroup, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(0, nn.broadcast, nn.broadcast), length=num_groups,
                     metadata_params={nn.PARTITION_NAME: "layers"},
-                    )(config, group_size, causal_only, name=name)
+                    )(config, group_size, causal_only, kv_window, name=name)
 
     def call(carry, mask_BTS, positions_BT):
         x_BTD, stage_kv, group = carry
@@ -186,7 +186,7 @@ def decode_temp_bytes(config, params, batch, max_new_tokens):
     from cla_jax import decoding, sharding
     prompts, lengths = np.ones((batch, 1), np.int32), np.ones((batch,), np.int32)
     key = np.asarray(jax.random.key_data(jax.random.key(0)))
-    compiled = decoding._generate.lower(config, max_new_tokens, Sampling(temperature=0), -1,
+    compiled = decoding._generate.lower(config, max_new_tokens, Sampling(temperature=0), (),
                                         "float32", sharding.single_device_mesh(),
                                         params, prompts, lengths, key).compile()
     return compiled.memory_analysis().temp_size_in_bytes

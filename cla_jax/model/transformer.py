@@ -30,6 +30,14 @@ def write_cache(cache_GBSKH: jax.Array, group: jax.Array, new_BTKH: jax.Array,
         new_BTKH.astype(cache_GBSKH.dtype), mode="drop")
 
 
+def read_cache(cache_GBSKH: jax.Array, group: jax.Array, window: int | None, dtype):
+    """Group `group`'s K or V [B, S, K, H] in `dtype`: every slot, or the first `window`."""
+    group_BSKH = jax.lax.dynamic_index_in_dim(cache_GBSKH, group, keepdims=False)
+    if window is not None:
+        group_BSKH = group_BSKH[:, :window]
+    return group_BSKH.astype(dtype)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU. Only a producer owns K/V projections (and a cache slot)."""
 
@@ -37,6 +45,7 @@ class DecoderLayer(nn.Module):
     produces_kv: bool
     separate_kv_norm: bool
     causal_only: bool
+    kv_window: int | None = None
 
     @nn.compact
     def __call__(self, x_BTD, kv, cache_kv, group, mask_BTS, positions_BT):
@@ -54,9 +63,8 @@ class DecoderLayer(nn.Module):
             if cache_kv is not None:
                 cache_kv = tuple(constrain(write_cache(c, group, new, positions_BT), CACHE_AXES)
                                  for c, new in zip(cache_kv, (k_BTKH, v_BTKH)))
-                k_BTKH, v_BTKH = (
-                    jax.lax.dynamic_index_in_dim(c, group, keepdims=False).astype(k_BTKH.dtype)
-                    for c in cache_kv)
+                k_BTKH, v_BTKH = (read_cache(c, group, self.kv_window, k_BTKH.dtype)
+                                  for c in cache_kv)
             kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
 
         q_BTNH = projection(cfg, (cfg.num_heads, cfg.head_dim), -1,
@@ -76,6 +84,7 @@ class CLAGroup(nn.Module):
     config: ModelConfig
     group_size: int
     causal_only: bool
+    kv_window: int | None = None
 
     @nn.compact
     def __call__(self, carry, mask_BTS, positions_BT):
@@ -85,13 +94,13 @@ class CLAGroup(nn.Module):
         for i in range(self.group_size):
             x_BTD, kv, cache_kv = DecoderLayer(
                 self.config, produces_kv=i == 0, separate_kv_norm=self.group_size > 1,
-                causal_only=self.causal_only, name=f"layer_{i}",
+                causal_only=self.causal_only, kv_window=self.kv_window, name=f"layer_{i}",
             )(x_BTD, kv, cache_kv, group, mask_BTS, positions_BT)
         return (x_BTD, cache_kv, group + 1), None
 
 
 def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_only: bool,
-                  name: str) -> nn.Module:
+                  kv_window: int | None, name: str) -> nn.Module:
     """A stage: `num_groups` equal groups as one nn.scan; params get a leading `layers` axis."""
     group = CLAGroup
     if REMAT_POLICIES[config.remat] is not None:
@@ -101,15 +110,17 @@ def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_
         group, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(config, group_size, causal_only, name=name)
+    )(config, group_size, causal_only, kv_window, name=name)
 
 
-def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None):
+def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None,
+                   kv_window: int | None = None):
     """Boolean [B, T, S] mask: causal, within one packed document, or over cache slots."""
     b, t = tokens_BT.shape
     if cache is not None:
         # Slot j holds position j; slots past a query's position are empty or stale padding.
-        return jnp.arange(cache.max_length)[None, None, :] <= positions_BT[:, :, None]
+        slots = kv_window or cache.max_length
+        return jnp.arange(slots)[None, None, :] <= positions_BT[:, :, None]
     index = jnp.arange(t)
     mask_BTS = jnp.broadcast_to(index[:, None] >= index[None, :], (b, t, t))
     if segment_ids_BT is not None:
@@ -121,11 +132,15 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, segment_ids_BT=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BT, positions_BT, segment_ids_BT=None, cache: KVCache | None = None,
+                 kv_window: int | None = None):
         """Logits [B, T, vocab] in float32 and the updated cache (None without one).
 
         segment_ids_BT: packed documents (attention stays inside a segment) in training; with
         a cache, 0 marks padding tokens that do not count towards the cache lengths.
+        kv_window (static, with a cache): attend over the first `kv_window` slots only, so a
+        decode step costs what the filled part of the cache costs, not the whole allocation.
+        Every position written must be below it.
         """
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
@@ -137,14 +152,17 @@ class Transformer(nn.Module):
         table_VD = constrain(embed.embedding, ("vocab", None))
         x_BTD = constrain(jnp.take(table_VD.astype(dtype_of(cfg.dtype)), tokens_BT, axis=0),
                           ("batch", "length", "embed"))
-        mask_BTS = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache)
+        if kv_window is not None and cache is not None and not 0 < kv_window <= cache.max_length:
+            raise ValueError(f"kv_window {kv_window} must be in (0, {cache.max_length}]")
+        kv_window = None if cache is None or kv_window == cache.max_length else kv_window
+        mask_BTS = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache, kv_window)
         causal_only = cache is None and segment_ids_BT is None
 
         new_stages = []
         for s, (group_size, num_groups) in enumerate(cfg.stages):
             stage_kv = None if cache is None else (cache.stages[s].key, cache.stages[s].value)
             (x_BTD, stage_kv, _), _ = scanned_stage(
-                cfg, group_size, num_groups, causal_only, name=f"stage_{s}")(
+                cfg, group_size, num_groups, causal_only, kv_window, name=f"stage_{s}")(
                     (x_BTD, stage_kv, jnp.int32(0)), mask_BTS, positions_BT)
             if cache is not None:
                 new_stages.append(StageCache(*stage_kv))
