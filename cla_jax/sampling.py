@@ -67,7 +67,8 @@ def filter_logits(logits_BV, temperature_B, top_k_B, top_p_B):
         # top_p; the most likely token always stays.
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         mass_above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        keep_BV = (mass_above_BV < top_p_B[:, None] - TOP_P_TOLERANCE) | (rank_V == 0)
+        keep_BV = ((mass_above_BV < top_p_B[:, None] - TOP_P_TOLERANCE) | (rank_V == 0)
+                   | (top_p_B[:, None] >= 1.0))
         keep_BV &= rank_V < k_B[:, None]
         last_kept_B = jnp.sum(keep_BV, axis=-1) - 1
         threshold_B = jnp.take_along_axis(sorted_BV, last_kept_B[:, None], axis=-1)
