@@ -44,8 +44,6 @@ from cla_jax.storage import as_path
 FLAGS = flags.FLAGS
 
 MAX_STOP_STRINGS = 4  # as OpenAI
-# How often a waiting handler looks whether the serving loop died (its error reaches the
-# handles, not on_event).
 
 
 class BadRequest(Exception):
