@@ -1,9 +1,11 @@
 """How many cached tokens fit a memory budget, with CLA and without (the group-size-1 twin).
 
 Measured from the cache arrays' shapes and dtypes (`jax.eval_shape` of `init_cache`, nothing
-allocated), not from a formula, so it stays true to what decoding really allocates.
+allocated), not from a formula, so it stays true to what decoding really allocates: an int8
+cache counts its int8 K/V and its bfloat16 per-token, per-head scales.
 
     python -m cla_jax.capacity --config=configs/paper/1b_h128_mqa_cla2.py --budget_gib=40
+    python -m cla_jax.capacity --config=configs/default.py --dtype=int8
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ def main(argv):
     config = ModelConfig.from_dict(flags.FLAGS.config.model)
     budget = int(flags.FLAGS.budget_gib * 2**30)
     r = capacity(config, budget, flags.FLAGS.context, flags.FLAGS.dtype)
-    print(f"KV-cache budget {flags.FLAGS.budget_gib} GiB at {r['dtype']}, context {r['context']}:")
+    scales = " (int8 K/V + bfloat16 scales)" if r["dtype"] == "int8" else ""
+    print(f"KV-cache budget {flags.FLAGS.budget_gib} GiB at {r['dtype']}{scales}, "
+          f"context {r['context']}:")
     for name, label in (("cla", f"this config (groups {list(config.groups)})"),
                         ("no_cla", "its no-CLA twin")):
         c = r[name]
@@ -65,7 +69,8 @@ def run():
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
     flags.DEFINE_float("budget_gib", 16.0, "Memory for the KV cache, GiB.")
     flags.DEFINE_integer("context", None, "Tokens per sequence (default: model.max_seq_len).")
-    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Cache dtype.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32", "int8"],
+                      "Cache dtype (int8: quantised K/V with per-token, per-head scales).")
     flags.mark_flags_as_required(["config"])
     cli.start(main)
 

@@ -13,29 +13,46 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cla_jax.cache import CACHE_AXES, KVCache, StageCache
+from cla_jax.cache import KVCache, StageCache, constrain_cache, dequantize, quantize
 from cla_jax.config import REMAT_POLICIES, ModelConfig
 from cla_jax.model.attention import attend
 from cla_jax.model.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, projection
 from cla_jax.sharding import constrain
 
 
-def write_cache(cache_GBSKH: jax.Array, group: jax.Array, new_BTKH: jax.Array,
-                positions_BT: jax.Array):
-    """Writes each token's K or V into group `group` of a stage's cache, at the token's
-    position; positions past the end are dropped. Only the new tokens are written: the stage
-    cache is the scan's carry, so XLA updates it in place instead of copying it per step."""
-    rows_B1 = jnp.arange(cache_GBSKH.shape[1])[:, None]
-    return cache_GBSKH.at[group, rows_B1, positions_BT].set(
-        new_BTKH.astype(cache_GBSKH.dtype), mode="drop")
+def _write_at(cache_GBS_: jax.Array, group: jax.Array, new_BT_: jax.Array,
+              positions_BT: jax.Array):
+    rows_B1 = jnp.arange(cache_GBS_.shape[1])[:, None]
+    return cache_GBS_.at[group, rows_B1, positions_BT].set(
+        new_BT_.astype(cache_GBS_.dtype), mode="drop")
 
 
-def read_cache(cache_GBSKH: jax.Array, group: jax.Array, window: int | None, dtype):
-    """Group `group`'s K or V [B, S, K, H] in `dtype`: every slot, or the first `window`."""
-    group_BSKH = jax.lax.dynamic_index_in_dim(cache_GBSKH, group, keepdims=False)
-    if window is not None:
-        group_BSKH = group_BSKH[:, :window]
-    return group_BSKH.astype(dtype)
+def write_cache(cache_kv: tuple, group: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                positions_BT: jax.Array) -> tuple:
+    """Writes each token's K and V into group `group` of a stage's cache arrays
+    (`StageCache.arrays()`: K, V and, for int8, their scales), at the token's position;
+    positions past the end are dropped. An int8 cache quantises the new tokens here, once.
+    Only the new tokens are written: the stage cache is the scan's carry, so XLA updates it
+    in place instead of copying it per step."""
+    new = (k_BTKH, v_BTKH)
+    if len(cache_kv) == 4:  # int8: (K, V, K scales, V scales)
+        (qk, sk), (qv, sv) = quantize(k_BTKH), quantize(v_BTKH)
+        new = (qk, qv, sk, sv)
+    return tuple(constrain_cache(_write_at(c, group, n, positions_BT))
+                 for c, n in zip(cache_kv, new))
+
+
+def read_cache(cache_kv: tuple, group: jax.Array, window: int | None, dtype):
+    """Group `group`'s K and V [B, S, K, H] in `dtype`: every slot, or the first `window`.
+    An int8 cache is dequantised here, at the attention inputs."""
+    def group_slots(c):
+        c = jax.lax.dynamic_index_in_dim(c, group, keepdims=False)
+        return c if window is None else c[:, :window]
+
+    arrays = tuple(group_slots(c) for c in cache_kv)
+    if len(arrays) == 4:
+        return tuple(dequantize(q, s, dtype) for q, s in zip(arrays[:2], arrays[2:]))
+    return tuple(a.astype(dtype) for a in arrays)
 
 
 class DecoderLayer(nn.Module):
@@ -61,10 +78,8 @@ class DecoderLayer(nn.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
             axes = ("batch", "length", "kv_heads", "head_dim")
             if cache_kv is not None:
-                cache_kv = tuple(constrain(write_cache(c, group, new, positions_BT), CACHE_AXES)
-                                 for c, new in zip(cache_kv, (k_BTKH, v_BTKH)))
-                k_BTKH, v_BTKH = (read_cache(c, group, self.kv_window, k_BTKH.dtype)
-                                  for c in cache_kv)
+                cache_kv = write_cache(cache_kv, group, k_BTKH, v_BTKH, positions_BT)
+                k_BTKH, v_BTKH = read_cache(cache_kv, group, self.kv_window, k_BTKH.dtype)
             kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
 
         q_BTNH = projection(cfg, (cfg.num_heads, cfg.head_dim), -1,
@@ -88,7 +103,8 @@ class CLAGroup(nn.Module):
 
     @nn.compact
     def __call__(self, carry, mask_BTS, positions_BT):
-        """carry: (x [B, T, D], the stage's (K, V) cache or None, this group's index)."""
+        """carry: (x [B, T, D], the stage's cache arrays (`StageCache.arrays()`) or None,
+        this group's index)."""
         x_BTD, cache_kv, group = carry
         kv = None
         for i in range(self.group_size):
@@ -160,7 +176,7 @@ class Transformer(nn.Module):
 
         new_stages = []
         for s, (group_size, num_groups) in enumerate(cfg.stages):
-            stage_kv = None if cache is None else (cache.stages[s].key, cache.stages[s].value)
+            stage_kv = None if cache is None else cache.stages[s].arrays()
             (x_BTD, stage_kv, _), _ = scanned_stage(
                 cfg, group_size, num_groups, causal_only, kv_window, name=f"stage_{s}")(
                     (x_BTD, stage_kv, jnp.int32(0)), mask_BTS, positions_BT)

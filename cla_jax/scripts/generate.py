@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from cla_jax import checkpoint, cli, sharding
 from cla_jax.cache import kv_bytes
-from cla_jax.config import ModelConfig, kv_bytes_per_token
+from cla_jax.config import ModelConfig
 from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.decoding import Sampling, generate
 from cla_jax.errors import UserError
@@ -29,8 +29,9 @@ flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (1.0 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
-flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "float16"],
-                  "KV-cache dtype (default: float32 on CPU, bfloat16 on accelerators).")
+flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "float16", "int8"],
+                  "KV-cache dtype (default: float32 on CPU, bfloat16 on accelerators; int8: "
+                  "quantised K/V with per-token, per-head bfloat16 scales).")
 flags.DEFINE_bool("random_init", False, "Use freshly initialised params from --config instead "
                   "of a checkpoint (smoke tests).")
 config_flags.DEFINE_config_file("config", None, "With --random_init: the config to build.")
@@ -81,11 +82,11 @@ def main(argv):
         row = row[:end[0]] if len(end) else row
         print(f"--- {text!r} (step {step})\n{text}{tokenizer.decode(row.tolist())}\n")
     generated = int((tokens != 0).sum())
-    element = cache.stages[0].key.dtype.itemsize
+    per_token = kv_bytes(cache) // (len(prompts) * cache.max_length)  # scales included
     print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.0f} tokens/s; prefill "
           f"{prefill_s * 1e3:.0f} ms; first call with compilation {compile_s:.1f} s); KV cache "
           f"{kv_bytes(cache):,} bytes for {len(prompts)} x {cache.max_length} positions = "
-          f"{kv_bytes_per_token(model, element)} bytes/token at {cache.stages[0].key.dtype} "
+          f"{per_token} bytes/token at {cache.stages[0].key.dtype} "
           f"({model.num_kv_layers} of {model.num_layers} layers cache K/V)")
 
 
