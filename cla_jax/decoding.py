@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cla_jax import sharding
-from cla_jax.cache import CACHE_AXES, init_cache
+from cla_jax.cache import constrain_cache, init_cache
 from cla_jax.config import ModelConfig
 from cla_jax.errors import UserError
 from cla_jax.model import Transformer
@@ -39,9 +39,8 @@ def _decode(config, max_new_tokens, sampling, eos_ids, cache_dtype, params, prom
     batch, prompt_len = prompts_BP.shape
     positions = jnp.broadcast_to(jnp.arange(prompt_len), prompts_BP.shape)
     segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)  # 0 = padding
-    cache = init_cache(config, batch, prompt_len + max_new_tokens, jnp.dtype(cache_dtype))
-    cache = jax.tree_util.tree_map(  # K/V [groups, B, S, K, H] and lengths [B]
-        lambda a: sharding.constrain(a, CACHE_AXES if a.ndim == 5 else ("batch",)), cache)
+    cache = constrain_cache(init_cache(config, batch, prompt_len + max_new_tokens,
+                                       jnp.dtype(cache_dtype)))
     logits, cache = model.apply({"params": params}, prompts_BP, positions, segment_ids, cache)
     last_logits = logits[jnp.arange(batch), lengths_B - 1]
     # Row b's token i draws with fold_in(fold_in(rng, b), i): a row's text does not depend on

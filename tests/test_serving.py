@@ -15,10 +15,11 @@ from cla_jax.serving import Batcher, Engine, Request
 from cla_jax.serving.engine import bucket_for, buckets
 
 
-def alone(config, params, request):
+def alone(config, params, request, cache_dtype="float32"):
     """decoding.generate for one request, greedy, cut at its max_tokens (one compile per
     prompt length: max_new_tokens is fixed at the config's test maximum)."""
-    tokens, _ = generate(config, params, [list(request.prompt)], 10, Sampling(temperature=0))
+    tokens, _ = generate(config, params, [list(request.prompt)], 10, Sampling(temperature=0),
+                         cache_dtype=cache_dtype)
     return np.asarray(tokens)[0, :request.max_tokens].tolist()
 
 
@@ -34,9 +35,12 @@ def staggered(batcher, requests, arrivals):
     return [handles[i] for i in range(len(requests))]
 
 
-@pytest.mark.parametrize("kv", ["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("pattern", ["cla1", "cla2", "cla3_uneven"])
-def test_greedy_requests_joining_a_busy_pool_equal_each_request_alone(pattern, kv):
+@pytest.mark.parametrize("pattern,kv,cache_dtype", [
+    *((p, kv, "float32") for p in ("cla1", "cla2", "cla3_uneven") for kv in ("mha", "gqa", "mqa")),
+    ("cla2", "mqa", "int8"),  # the quantised cache: the engine quantises as generate does
+])
+def test_greedy_requests_joining_a_busy_pool_equal_each_request_alone(pattern, kv,
+                                                                      cache_dtype):
     config = make_config(pattern, kv, max_seq_len=32, attention="xla")
     params = make_params(config, seed=2)
     rng = np.random.RandomState(3)
@@ -45,11 +49,12 @@ def test_greedy_requests_joining_a_busy_pool_equal_each_request_alone(pattern, k
     # then joins a pool whose other slot is mid-sequence.
     requests = [Request(prompt=rng.randint(0, config.vocab_size, 9).tolist(), max_tokens=m,
                         temperature=0.0) for m in (10, 4, 7)]
-    batcher = Batcher(Engine(config, params, num_slots=2, max_length=32, min_window_bucket=32))
+    batcher = Batcher(Engine(config, params, num_slots=2, max_length=32, min_window_bucket=32,
+                             cache_dtype=cache_dtype))
     handles = staggered(batcher, requests, arrivals=[0, 0, 2])
     for request, handle in zip(requests, handles):
         completion = handle.result(timeout=0)
-        assert completion.tokens == alone(config, params, request)
+        assert completion.tokens == alone(config, params, request, cache_dtype)
         assert completion.finish_reason == "length"
     assert batcher.slots_in_use() == 0 and max(batcher.slot_steps / batcher.steps, 0) > 1
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cla_jax import sharding
-from cla_jax.cache import CACHE_AXES, KVCache, init_cache
+from cla_jax.cache import KVCache, constrain_cache, init_cache
 from cla_jax.config import ModelConfig
 from cla_jax.errors import UserError
 from cla_jax.model import Transformer
@@ -75,14 +75,6 @@ def bucket_for(length: int, sizes: tuple[int, ...]) -> int:
         if length <= size:
             return size
     raise ValueError(f"{length} exceeds the largest bucket {sizes[-1]}")
-
-
-def _constrain_cache(cache: KVCache) -> KVCache:
-    """K/V [groups, batch, slots, ...] and lengths [batch]: the batch over (data, fsdp),
-    KV heads over tensor (the scales of an int8 cache have no head_dim)."""
-    return jax.tree_util.tree_map(
-        lambda a: sharding.constrain(a, CACHE_AXES[:a.ndim] if a.ndim > 1 else ("batch",)),
-        cache)
 
 
 @dataclasses.dataclass
@@ -149,7 +141,7 @@ class Engine:
     def _init_state(self):
         def init():
             with sharding.activate(self.mesh):
-                cache = _constrain_cache(init_cache(self.config, self.num_slots,
+                cache = constrain_cache(init_cache(self.config, self.num_slots,
                                                     self.max_length, jnp.dtype(self.cache_dtype)))
             n = self.num_slots
             key_words = jax.random.key_data(jax.random.key(0)).shape
@@ -186,7 +178,7 @@ class Engine:
                     return jax.lax.dynamic_update_slice(pool_leaf, prefix_leaf, start)
 
                 stages = jax.tree_util.tree_map(put, state.cache.stages, prefix.cache.stages)
-                cache = _constrain_cache(KVCache(
+                cache = constrain_cache(KVCache(
                     stages=stages,
                     lengths=state.cache.lengths.at[slot].set(prefix.cache.lengths[0])))
                 settings = jax.tree_util.tree_map(lambda a, b: a.at[slot].set(b[0]),
@@ -210,7 +202,7 @@ class Engine:
                                                       state.generated)
                 tokens_B, logprobs_B = sample_rows(logits[:, 0], keys_B, s.temperature,
                                                    s.top_k, s.top_p)
-                cache = _constrain_cache(cache.replace(
+                cache = constrain_cache(cache.replace(
                     lengths=jnp.where(active_B, lengths_B + 1, lengths_B)))
                 state = PoolState(cache, jnp.where(active_B, tokens_B, state.tokens),
                                   state.generated + active_B, s)
