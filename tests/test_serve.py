@@ -217,7 +217,8 @@ def test_serve_script_serves_a_saved_checkpoint(tiny, greedy, tmp_path):
     log = open(tmp_path / "stderr.txt", "w+")
     server = subprocess.Popen(
         [sys.executable, "serve.py", f"--workdir={tmp_path / 'run'}",
-         f"--cache_dir={tmp_path / 'cache'}", "--port=0", "--num_slots=4"],
+         f"--cache_dir={tmp_path / 'cache'}", "--port=0", "--num_slots=4",
+         "--warm_up=smallest"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         ready = server.stdout.readline()  # the one line it prints once it accepts requests

@@ -70,8 +70,10 @@ def test_a_requests_samples_do_not_depend_on_its_neighbours():
                       top_p=float(rng.uniform(0.3, 1.0)), seed=int(rng.randint(1000)))
               for _ in range(5)]
     engine = Engine(config, params, num_slots=4, max_length=48, min_window_bucket=16)
-    by_itself = staggered(Batcher(engine), [probe], [0])[0].result().tokens
-    crowded = staggered(Batcher(engine), others + [probe], [0, 0, 0, 1, 4, 3])[-1].result()
+    by_itself = staggered(Batcher(engine, steps_per_call=1), [probe], [0])[0].result().tokens
+    # Crowded, and with several steps per device call: the same tokens.
+    crowded = staggered(Batcher(engine, steps_per_call=3), others + [probe],
+                        [0, 0, 0, 1, 4, 3])[-1].result()
     assert crowded.tokens == by_itself
     # ... and the seed matters: another seed samples another continuation.
     reseeded = Request(**{**probe.__dict__, "seed": 124})
@@ -126,7 +128,8 @@ def test_stop_ids_stop_strings_and_max_tokens_end_a_request_and_free_its_slot():
     batcher.cancel(waiting)
     batcher.step_once()
     assert running[0].result(timeout=0).finish_reason == "cancelled"
-    assert running[0].result().tokens == run[:3]  # the first token, then two steps
+    # The prefill's token, then two calls of steps_per_call steps.
+    assert running[0].result().tokens == run[:1 + 2 * batcher.steps_per_call]
     assert waiting.result(timeout=0).tokens == [] and batcher.slots_in_use() == 1
     batcher.run_until_idle()
     assert running[1].result().tokens == run and not batcher.busy
@@ -156,7 +159,10 @@ def test_no_slot_leaks_after_a_thousand_requests():
         assert not any(t in request.stop_ids for t in c.tokens[:-1])
     # Every decode step ran at most num_slots sequences, and the pool stayed busy.
     assert batcher.slot_steps <= 3 * batcher.steps
-    assert batcher.slot_steps == sum(len(h.result().tokens) - 1 for h in handles)
+    # A request of n tokens ran ceil((n - 1) / k) calls of k steps (its first token comes
+    # from the prefill); no slot step is unaccounted for.
+    k = batcher.steps_per_call
+    assert batcher.slot_steps == sum(k * -(-(len(h.result().tokens) - 1) // k) for h in handles)
 
 
 @pytest.mark.parametrize("changes,words", [

@@ -384,7 +384,7 @@ def main(argv):
                                         else "bfloat16")
     engine = Engine(model, params, FLAGS.num_slots, FLAGS.max_length or model.max_seq_len,
                     cache_dtype, mesh)
-    batcher = Batcher(engine, decode=tokenizer.decode)
+    batcher = Batcher(engine, decode=tokenizer.decode, steps_per_call=FLAGS.steps_per_call)
     sock = listen(FLAGS.host, FLAGS.port)  # before compiling: a taken port fails at once
     start = time.perf_counter()
     programs = warm_up(batcher, FLAGS.warm_up == "all")
@@ -420,6 +420,9 @@ def define_flags() -> None:
                       "instead of a checkpoint (smoke tests).")
     flags.DEFINE_integer("seed", 0, "With --random_init: the init seed.")
     config_flags.DEFINE_config_file("config", None, "With --random_init: the config to build.")
+    flags.DEFINE_integer("steps_per_call", 4, "Decode steps per device call: more spreads the "
+                         "host round trip over more tokens; a finished request holds its slot "
+                         "up to this many - 1 steps longer, and streams come in pieces of it.")
     flags.DEFINE_enum("warm_up", "all", ["all", "smallest"], "Compile every prompt bucket "
                       "and attention window before serving (all), or only the smallest (a "
                       "faster start; larger ones then compile on first use, stalling the batch).")

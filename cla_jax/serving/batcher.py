@@ -162,10 +162,15 @@ class _Running:
 
 class Batcher:
     """The host loop over an Engine's slots. `decode` (token ids -> text) enables text output
-    and stop strings."""
+    and stop strings. steps_per_call: decode steps per device call (the host reads tokens,
+    checks stops and streams once per call; see cla_jax.serving.engine)."""
 
-    def __init__(self, engine: Engine, decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, engine: Engine, decode: Callable[[list[int]], str] | None = None,
+                 steps_per_call: int = 4):
+        if steps_per_call < 1:
+            raise UserError(f"steps_per_call must be >= 1, got {steps_per_call}")
         self.engine = engine
+        self.steps_per_call = steps_per_call
         self.decode = decode
         self.state = engine.init_state()
         self.slots: list[_Running | None] = [None] * engine.num_slots
@@ -232,15 +237,21 @@ class Batcher:
         if self.busy:
             raise RuntimeError("warm_up runs only while no request is waiting or running")
         engine, count = self.engine, 0
+        idle = [False] * engine.num_slots
         for bucket in prompt_buckets or engine.prompt_buckets:
             prefix = engine.prefill([0] * bucket)
-            self.state = engine.insert(self.state, prefix, 0)  # a free slot: harmless
+            np.asarray(prefix.token), np.asarray(prefix.logprob)
+            # Twice: the first call sees the fresh state's layout, later ones the layout the
+            # programs give it. The slot is free, so writing it is harmless.
+            for _ in range(2):
+                self.state = engine.insert(self.state, prefix, 0)
             count += 2
         for window in windows or engine.window_buckets:
-            # No slot active: every write is dropped and the tokens are ignored.
-            self.state, tokens, _ = engine.step(self.state, [False] * engine.num_slots, window)
+            for _ in range(2):  # no slot active: every write is dropped, tokens ignored
+                self.state, tokens, _ = engine.step(self.state, idle, window,
+                                                    self.steps_per_call)
+            np.asarray(tokens)
             count += 1
-        np.asarray(tokens)
         return count
 
     def run_until_idle(self) -> None:
@@ -311,25 +322,31 @@ class Batcher:
                 running = self._waiting.popleft()
             r = running.request
             prefix = self.engine.prefill(list(r.prompt), r.temperature, r.top_k, r.top_p, r.seed)
-            token, logprob = int(prefix.token[0]), float(prefix.logprob[0])
+            token, logprob = int(np.asarray(prefix.token)[0]), float(np.asarray(prefix.logprob)[0])
             running.length = len(r.prompt)
             if not self._add_token(running, token, logprob):
                 self.state = self.engine.insert(self.state, prefix, slot)
                 self.slots[slot] = running
 
     def _decode_step(self, active: list[bool]) -> None:
+        k = self.steps_per_call
         longest = max(s.length for s in self.slots if s is not None)
-        window = bucket_for(longest + 1, self.engine.window_buckets)
-        self.state, tokens, logprobs = self.engine.step(self.state, active, window)
+        # Positions up to longest + k - 1 are written; past max_length they are dropped, and
+        # only requests already done (by max_tokens) reach there.
+        window = bucket_for(min(longest + k, self.engine.max_length),
+                            self.engine.window_buckets)
+        self.state, tokens, logprobs = self.engine.step(self.state, active, window, k)
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        self.steps += 1
-        self.slot_steps += sum(active)
+        self.steps += k
+        self.slot_steps += k * sum(active)
         for slot, running in enumerate(self.slots):
             if running is None:
                 continue
-            running.length += 1
-            if self._add_token(running, int(tokens[slot]), float(logprobs[slot])):
-                self.slots[slot] = None  # evicted: the slot takes the next request
+            for i in range(k):
+                running.length += 1
+                if self._add_token(running, int(tokens[i, slot]), float(logprobs[i, slot])):
+                    self.slots[slot] = None  # evicted: the slot takes the next request
+                    break
 
     # --- one token of one request --------------------------------------------------------
 

@@ -3,7 +3,7 @@ programs, as in JetStream's engine API:
 
     prefix = engine.prefill(prompt, settings)   # a prompt's K/V (one entry per layer group)
     state = engine.insert(state, prefix, slot)  # into a free slot of the pool's cache
-    state, tokens, logprobs = engine.step(state, active, window)  # one token for every slot
+    state, tokens, logprobs = engine.step(state, active, window, k)  # k tokens for every slot
 
 The pool's cache is `init_cache(config, num_slots, max_length)`; every slot is a row of it.
 A slot's sampling settings, PRNG key and token count live in the state as arrays, so one
@@ -15,6 +15,10 @@ attends over the first `window` slots (the next window bucket above the longest 
 sequence), not the whole allocation. Inactive slots still run through the step (fixed
 shapes) but write nothing: their position is past the end of the cache, and writes there
 are dropped.
+
+A step call can run k decode steps in one program (a `lax.scan`): the host then sees tokens
+every k steps, paying the dispatch and the device-to-host copy once per k tokens, and a
+request that ends inside a block holds its slot for at most k - 1 extra steps.
 """
 from __future__ import annotations
 
@@ -129,11 +133,13 @@ class Engine:
         """The prefix's K/V and first token into row `slot` (the old state is consumed)."""
         return self._insert(state, prefix, jnp.int32(slot))
 
-    def step(self, state: PoolState, active, window: int):
-        """One token for every active slot: (state, tokens [num_slots], logprobs
-        [num_slots]). `window` (a window bucket) must exceed every active slot's length."""
+    def step(self, state: PoolState, active, window: int, num_steps: int = 1):
+        """`num_steps` tokens for every active slot, in one call: (state, tokens
+        [num_steps, num_slots], logprobs [num_steps, num_slots]). Step i is the same as the
+        i-th of that many single steps. `window` (a window bucket) must exceed every active
+        slot's length + num_steps - 1, or be the whole cache."""
         active = jax.device_put(np.asarray(active, bool), sharding.replicated(self.mesh))
-        return self._step(self.params, state, active, window)
+        return self._step(self.params, state, active, window, num_steps)
 
     # --- their jitted bodies --------------------------------------------------------------
 
@@ -189,23 +195,29 @@ class Engine:
 
     @functools.cached_property
     def _step(self):
-        def step(params, state, active_B, window):
+        def one_step(params, state, active_B, window):
+            lengths_B = state.cache.lengths
+            # An inactive slot writes at max_length, past the end: dropped.
+            positions_B1 = jnp.where(active_B, lengths_B, self.max_length)[:, None]
+            logits, cache = self._model.apply(
+                {"params": params}, state.tokens[:, None], positions_B1, None,
+                state.cache, kv_window=window)
+            s = state.settings
+            keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.key_data),
+                                                  state.generated)
+            tokens_B, logprobs_B = sample_rows(logits[:, 0], keys_B, s.temperature,
+                                               s.top_k, s.top_p)
+            cache = constrain_cache(cache.replace(
+                lengths=jnp.where(active_B, lengths_B + 1, lengths_B)))
+            state = PoolState(cache, jnp.where(active_B, tokens_B, state.tokens),
+                              state.generated + active_B, s)
+            return state, (tokens_B, logprobs_B)
+
+        def steps(params, state, active_B, window, num_steps):
             with sharding.activate(self.mesh):
-                lengths_B = state.cache.lengths
-                # An inactive slot writes at max_length, past the end: dropped.
-                positions_B1 = jnp.where(active_B, lengths_B, self.max_length)[:, None]
-                logits, cache = self._model.apply(
-                    {"params": params}, state.tokens[:, None], positions_B1, None,
-                    state.cache, kv_window=window)
-                s = state.settings
-                keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.key_data),
-                                                      state.generated)
-                tokens_B, logprobs_B = sample_rows(logits[:, 0], keys_B, s.temperature,
-                                                   s.top_k, s.top_p)
-                cache = constrain_cache(cache.replace(
-                    lengths=jnp.where(active_B, lengths_B + 1, lengths_B)))
-                state = PoolState(cache, jnp.where(active_B, tokens_B, state.tokens),
-                                  state.generated + active_B, s)
-                replicated = lambda x: sharding.constrain(x, (None,))  # noqa: E731
-                return state, replicated(tokens_B), replicated(logprobs_B)
-        return jax.jit(step, static_argnums=3, donate_argnums=1)
+                state, (tokens_KB, logprobs_KB) = jax.lax.scan(
+                    lambda st, _: one_step(params, st, active_B, window), state, None,
+                    length=num_steps)
+                replicated = lambda x: sharding.constrain(x, (None, None))  # noqa: E731
+                return state, replicated(tokens_KB), replicated(logprobs_KB)
+        return jax.jit(steps, static_argnums=(3, 4), donate_argnums=1)
