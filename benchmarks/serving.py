@@ -172,23 +172,14 @@ def loadavg() -> list[float] | None:
 
 def warm_up(engine: Engine, longest_prompt: int, longest: int) -> float:
     """Compiles every prompt bucket (prefill + insert) and window bucket (step) the trace can
-    reach, then runs two short requests through a Batcher; returns the seconds it took."""
+    reach (`Batcher.warm_up`), then runs two short requests through a Batcher; returns the
+    seconds it took."""
     start = time.perf_counter()
-    state = engine.init_state()
-    for bucket in engine.prompt_buckets[:engine.prompt_buckets.index(
-            bucket_for(longest_prompt, engine.prompt_buckets)) + 1]:
-        prefix = engine.prefill([1] * bucket)
-        int(prefix.token[0]), float(prefix.logprob[0])
-        # A fresh pool's first insert is its own compile (init_state's outputs carry no
-        # sharding yet, later states do): warm both.
-        engine.insert(engine.init_state(), prefix, 0)
-        state = engine.insert(state, engine.prefill([1] * bucket), 0)
-    active = [True] + [False] * (engine.num_slots - 1)
-    for window in engine.window_buckets[:engine.window_buckets.index(
-            bucket_for(longest, engine.window_buckets)) + 1]:
-        state, tokens, logprobs = engine.step(state, active, window)
-        np.asarray(tokens), np.asarray(logprobs)
     batcher = Batcher(engine)
+    reach = lambda n, sizes: sizes[:sizes.index(bucket_for(n, sizes)) + 1]  # noqa: E731
+    batcher.warm_up(reach(longest_prompt, engine.prompt_buckets),
+                    reach(min(longest + batcher.steps_per_call, engine.max_length),
+                          engine.window_buckets))
     handles = [batcher.submit(Request(prompt=[1, 2, 3], max_tokens=3, temperature=0.0))
                for _ in range(2)]
     batcher.run_until_idle()
@@ -202,9 +193,9 @@ def serve(engine: Engine, trace: Trace, mode: str, rate: float) -> dict:
     in_use = []  # slots in use at every decode step
     plain_step = engine.step
 
-    def step(state, active, window):
-        in_use.append(int(sum(active)))
-        return plain_step(state, active, window)
+    def step(state, active, window, num_steps=1):
+        in_use.extend([int(sum(active))] * num_steps)
+        return plain_step(state, active, window, num_steps)
 
     engine.step = step  # an instance attribute shadows the method for this run only
     requests = [Request(prompt=p, max_tokens=m, temperature=0.0, seed=i, stop_ids=())

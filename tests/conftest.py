@@ -33,3 +33,18 @@ def corpus_glob(tmp_path_factory):
         lines = [" ".join(rng.choice(WORDS, 9)) + "." for _ in range(40)]
         (root / f"doc{i}.txt").write_text(f"SPEAKER {i}:\n" + "\n".join(lines))
     return f"files:{root}/*.txt"
+
+
+# The longest test files first: pytest-xdist's loadfile hands whole files to the worker that
+# frees up, in collection order, so a long file collected last (alphabetically) would leave the
+# other worker idle at the end. Longest first keeps both busy (longest-processing-time order).
+# Rough CPU seconds per file on 2 cores, 2026-12-02; any file not listed runs after these.
+LONGEST_FILES_FIRST = ("test_train.py", "test_serving.py", "test_sharding.py", "test_model.py",
+                       "test_checkpoint_integrity.py", "test_gcs.py", "test_pareto.py",
+                       "test_multiprocess.py", "test_adapt.py", "test_serve.py",
+                       "test_decoding.py", "test_precision.py", "test_int8_cache.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
