@@ -41,8 +41,9 @@ def _decode(config, max_new_tokens, sampling, eos_ids, cache_dtype, params, prom
     segment_ids = (positions < lengths_B[:, None]).astype(jnp.int32)  # 0 = padding
     cache = constrain_cache(init_cache(config, batch, prompt_len + max_new_tokens,
                                        jnp.dtype(cache_dtype)))
-    logits, cache = model.apply({"params": params}, prompts_BP, positions, segment_ids, cache)
-    last_logits = logits[jnp.arange(batch), lengths_B - 1]
+    logits, cache = model.apply({"params": params}, prompts_BP, positions, segment_ids, cache,
+                                logits_at_B=lengths_B - 1)
+    last_logits = logits[:, 0]
     # Row b's token i draws with fold_in(fold_in(rng, b), i): a row's text does not depend on
     # the rest of the batch (the serving engine keys its requests the same way).
     row_keys_B = jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch))

@@ -188,6 +188,7 @@ def test_bad_requests_are_refused_with_a_clear_message(changes, words):
 
 def test_buckets_bound_the_compiles():
     assert buckets(16, 100) == (16, 32, 64, 100)
+    assert buckets(16, 600, step=128) == (16, 32, 64, 128, 256, 384, 512, 600)
     assert bucket_for(17, buckets(16, 100)) == 32 and bucket_for(100, (16, 100)) == 100
 
 

@@ -149,7 +149,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT=None, cache: KVCache | None = None,
-                 kv_window: int | None = None):
+                 kv_window: int | None = None, logits_at_B=None):
         """Logits [B, T, vocab] in float32 and the updated cache (None without one).
 
         segment_ids_BT: packed documents (attention stays inside a segment) in training; with
@@ -157,6 +157,9 @@ class Transformer(nn.Module):
         kv_window (static, with a cache): attend over the first `kv_window` slots only, so a
         decode step costs what the filled part of the cache costs, not the whole allocation.
         Every position written must be below it.
+        logits_at_B: the one index along T whose logits each row needs (a prefill needs only
+        its last token's): the logits are then [B, 1, vocab], and the unembedding, a large
+        part of a prefill, runs on one token per row.
         """
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
@@ -183,6 +186,8 @@ class Transformer(nn.Module):
             if cache is not None:
                 new_stages.append(StageCache(*stage_kv))
 
+        if logits_at_B is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
         x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)

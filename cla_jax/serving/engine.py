@@ -65,12 +65,13 @@ class Prefix:
     settings: SlotSettings
 
 
-def buckets(smallest: int, largest: int) -> tuple[int, ...]:
-    """Powers of two from `smallest` up, and `largest` itself as the last bucket."""
+def buckets(smallest: int, largest: int, step: int | None = None) -> tuple[int, ...]:
+    """Powers of two from `smallest` up (then multiples of `step`, once past it), and
+    `largest` itself as the last bucket."""
     sizes, size = [], smallest
     while size < largest:
         sizes.append(size)
-        size *= 2
+        size = size * 2 if step is None or size < step else size + step
     return tuple(sizes) + (largest,)
 
 
@@ -96,6 +97,9 @@ class Engine:
     cache_dtype: str = "float32"
     mesh: Mesh | None = None
     min_prompt_bucket: int = 16
+    # Prompts past this many tokens pad to a multiple of it, not to a power of two: less
+    # padding for a few more compiles (a prefill's cost grows with its bucket).
+    prompt_bucket_step: int = 128
     min_window_bucket: int = 64
 
     def __post_init__(self):
@@ -106,7 +110,7 @@ class Engine:
                             f"{self.config.max_seq_len}], got {self.max_length}")
         self.mesh = self.mesh or sharding.single_device_mesh()
         self.prompt_buckets = buckets(min(self.min_prompt_bucket, self.max_length),
-                                      self.max_length)
+                                      self.max_length, self.prompt_bucket_step)
         self.window_buckets = buckets(min(self.min_window_bucket, self.max_length),
                                       self.max_length)
         self._model = Transformer(self.config)
@@ -167,10 +171,11 @@ class Engine:
                 segment_ids = (positions < length).astype(jnp.int32)  # 0 = padding
                 cache = init_cache(self.config, 1, bucket, jnp.dtype(self.cache_dtype))
                 logits, cache = self._model.apply({"params": params}, tokens_1P, positions,
-                                                  segment_ids, cache)
+                                                  segment_ids, cache,
+                                                  logits_at_B=jnp.reshape(length - 1, (1,)))
                 key = jax.random.wrap_key_data(settings.key_data)
                 token, logprob = sample_rows(
-                    logits[:, length - 1], jax.vmap(jax.random.fold_in, (0, None))(key, 0),
+                    logits[:, 0], jax.vmap(jax.random.fold_in, (0, None))(key, 0),
                     settings.temperature, settings.top_k, settings.top_p)
                 return Prefix(cache, token, logprob, settings)
         return jax.jit(prefill)
