@@ -129,6 +129,28 @@ def mesh_for(config):
     return sharding.make_mesh(mesh_spec() or config.get("mesh"))
 
 
+def load_model(workdir, step, random_init: bool, config, seed: int = 0):
+    """(step, run config, ModelConfig, mesh, params) for inference: a workdir's checkpoint
+    (verified, onto --mesh or its own), or with random_init fresh params of `config`."""
+    import jax  # noqa: PLC0415
+    from flax import linen as nn  # noqa: PLC0415
+
+    from cla_jax import checkpoint, sharding  # noqa: PLC0415
+    from cla_jax.config import ModelConfig  # noqa: PLC0415
+    from cla_jax.model import abstract_params, init_params  # noqa: PLC0415
+    from cla_jax.storage import as_path  # noqa: PLC0415
+    if random_init:
+        if config is None:
+            raise UserError("--random_init needs --config=configs/<file>.py")
+        model, mesh = ModelConfig.from_dict(config.model), mesh_for(config)
+        params = jax.jit(lambda: nn.meta.unbox(init_params(model, jax.random.key(seed))),
+                         out_shardings=sharding.param_shardings(abstract_params(model), mesh))()
+        return "random init", config, model, mesh, params
+    if workdir is None:
+        raise UserError("give --workdir (a training run) or --random_init --config=...")
+    return checkpoint.restore_model(as_path(workdir) / "checkpoints", step, mesh_spec())
+
+
 def initialize_distributed() -> None:
     """jax.distributed.initialize when the flags or JAX_COORDINATOR_ADDRESS ask for it; then
     every process runs the same program over the global mesh."""

@@ -9,16 +9,13 @@ import time
 import jax
 import numpy as np
 from absl import flags
-from flax import linen as nn
 from ml_collections import config_flags
 
-from cla_jax import checkpoint, cli, sharding
+from cla_jax import cli
 from cla_jax.cache import kv_bytes
-from cla_jax.config import ModelConfig
 from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.decoding import Sampling, generate
 from cla_jax.errors import UserError
-from cla_jax.model import abstract_params, init_params
 from cla_jax.storage import as_path
 
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
@@ -47,19 +44,9 @@ def main(argv):
     if not texts or any(not t for t in texts):
         raise UserError("give at least one non-empty --prompt or a --prompt_file")
     sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)  # checked at once
-    if FLAGS.random_init:
-        if FLAGS.config is None:
-            raise UserError("--random_init needs --config=configs/<file>.py")
-        config, step = FLAGS.config, "random init"
-        model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(FLAGS.config)
-        params = jax.jit(lambda: nn.meta.unbox(init_params(model, jax.random.key(FLAGS.seed))),
-                         out_shardings=sharding.param_shardings(abstract_params(model), mesh))()
-    else:
-        if FLAGS.workdir is None:
-            raise UserError("give --workdir (a training run) or --random_init --config=...")
-        run = checkpoint.restore_model(as_path(FLAGS.workdir) / "checkpoints", FLAGS.step,
-                                       cli.mesh_spec())
-        step, config, model, mesh, params = run
+    step, config, model, mesh, params = cli.load_model(FLAGS.workdir, FLAGS.step,
+                                                       FLAGS.random_init, FLAGS.config,
+                                                       FLAGS.seed)
     tokenizer = corpus_tokenizer(config.data, FLAGS.cache_dir, max_vocab_size=model.vocab_size)
     prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
     rng = jax.random.key(FLAGS.seed)

@@ -26,18 +26,15 @@ from typing import AsyncIterator, Callable, Sequence
 import jax
 import uvicorn
 from absl import flags, logging
-from flax import linen as nn
 from ml_collections import config_flags
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cla_jax import checkpoint, cli, sharding
-from cla_jax.config import ModelConfig
+from cla_jax import cli, sharding
 from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.errors import UserError
-from cla_jax.model import abstract_params, init_params
 from cla_jax.serving import Batcher, Engine, Event, Request
 from cla_jax.storage import as_path
 
@@ -364,21 +361,11 @@ def main(argv):
     if jax.process_count() > 1:
         raise UserError("serve.py runs in one process (one host, any number of its devices); "
                         "drop --distributed")
-    if FLAGS.random_init:
-        if FLAGS.config is None:
-            raise UserError("--random_init needs --config=configs/<file>.py")
-        config, step = FLAGS.config, "random init"
-        model, mesh = ModelConfig.from_dict(config.model), cli.mesh_for(FLAGS.config)
-        params = jax.jit(lambda: nn.meta.unbox(init_params(model, jax.random.key(FLAGS.seed))),
-                         out_shardings=sharding.param_shardings(abstract_params(model), mesh))()
-        name = FLAGS.model_name or "random-init"
-    else:
-        if FLAGS.workdir is None:
-            raise UserError("give --workdir (a training run) or --random_init --config=...")
-        workdir = as_path(FLAGS.workdir)
-        step, config, model, mesh, params = checkpoint.restore_model(
-            workdir / "checkpoints", FLAGS.step, cli.mesh_spec())
-        name = FLAGS.model_name or workdir.name
+    step, config, model, mesh, params = cli.load_model(FLAGS.workdir, FLAGS.step,
+                                                       FLAGS.random_init, FLAGS.config,
+                                                       FLAGS.seed)
+    name = FLAGS.model_name or (as_path(FLAGS.workdir).name if FLAGS.workdir
+                                and not FLAGS.random_init else "random-init")
     tokenizer = corpus_tokenizer(config.data, FLAGS.cache_dir, max_vocab_size=model.vocab_size)
     cache_dtype = FLAGS.cache_dtype or ("float32" if jax.default_backend() == "cpu"
                                         else "bfloat16")
