@@ -241,15 +241,11 @@ class Batcher:
         for bucket in prompt_buckets or engine.prompt_buckets:
             prefix = engine.prefill([0] * bucket)
             np.asarray(prefix.token), np.asarray(prefix.logprob)
-            # Twice: the first call sees the fresh state's layout, later ones the layout the
-            # programs give it. The slot is free, so writing it is harmless.
-            for _ in range(2):
-                self.state = engine.insert(self.state, prefix, 0)
+            self.state = engine.insert(self.state, prefix, 0)  # a free slot: harmless
             count += 2
         for window in windows or engine.window_buckets:
-            for _ in range(2):  # no slot active: every write is dropped, tokens ignored
-                self.state, tokens, _ = engine.step(self.state, idle, window,
-                                                    self.steps_per_call)
+            # No slot active: every write is dropped and the tokens are ignored.
+            self.state, tokens, _ = engine.step(self.state, idle, window, self.steps_per_call)
             np.asarray(tokens)
             count += 1
         return count

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cla_jax import sharding
-from cla_jax.cache import KVCache, constrain_cache, init_cache
+from cla_jax.cache import KVCache, cache_axes, constrain_cache, init_cache
 from cla_jax.config import ModelConfig
 from cla_jax.errors import UserError
 from cla_jax.model import Transformer
@@ -148,19 +148,32 @@ class Engine:
     # --- their jitted bodies --------------------------------------------------------------
 
     @functools.cached_property
+    def _state_shardings(self):
+        """One layout for the pool state, whatever program made it (the cache split as
+        cache_axes say, the rest replicated): a state from init_state, insert or step then
+        feeds any of them without a recompile."""
+        shapes = jax.eval_shape(self._init_body)
+        return PoolState(
+            jax.tree_util.tree_map(lambda a: sharding.logical_sharding(
+                cache_axes(a), a.shape, self.mesh), shapes.cache),
+            *(jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), leaf)
+              for leaf in (shapes.tokens, shapes.generated, shapes.settings)))
+
+    @functools.cached_property
     def _init_state(self):
-        def init():
-            with sharding.activate(self.mesh):
-                cache = constrain_cache(init_cache(self.config, self.num_slots,
-                                                    self.max_length, jnp.dtype(self.cache_dtype)))
-            n = self.num_slots
-            key_words = jax.random.key_data(jax.random.key(0)).shape
-            settings = SlotSettings(jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32),
-                                    jnp.ones((n,), jnp.float32),
-                                    jnp.zeros((n,) + key_words, jnp.uint32))
-            return PoolState(cache, jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
-                             settings)
-        return jax.jit(init)
+        return jax.jit(self._init_body, out_shardings=self._state_shardings)
+
+    def _init_body(self) -> PoolState:
+        with sharding.activate(self.mesh):
+            cache = constrain_cache(init_cache(self.config, self.num_slots, self.max_length,
+                                               jnp.dtype(self.cache_dtype)))
+        n = self.num_slots
+        key_words = jax.random.key_data(jax.random.key(0)).shape
+        settings = SlotSettings(jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32),
+                                jnp.ones((n,), jnp.float32),
+                                jnp.zeros((n,) + key_words, jnp.uint32))
+        return PoolState(cache, jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
+                         settings)
 
     @functools.cached_property
     def _prefill(self):
@@ -196,7 +209,7 @@ class Engine:
                                                   state.settings, prefix.settings)
                 return PoolState(cache, state.tokens.at[slot].set(prefix.token[0]),
                                  state.generated.at[slot].set(1), settings)
-        return jax.jit(insert, donate_argnums=0)
+        return jax.jit(insert, donate_argnums=0, out_shardings=self._state_shardings)
 
     @functools.cached_property
     def _step(self):
@@ -225,4 +238,6 @@ class Engine:
                     length=num_steps)
                 replicated = lambda x: sharding.constrain(x, (None, None))  # noqa: E731
                 return state, replicated(tokens_KB), replicated(logprobs_KB)
-        return jax.jit(steps, static_argnums=(3, 4), donate_argnums=1)
+        replicated = sharding.replicated(self.mesh)
+        return jax.jit(steps, static_argnums=(3, 4), donate_argnums=1,
+                       out_shardings=(self._state_shardings, replicated, replicated))
