@@ -9,7 +9,8 @@ slowest sequence of a batch.
     completion = handle.result()
 
 Each loop iteration prefills waiting requests into free slots (one prefill per request, its
-prompt padded to a bucket), then runs one decode step for every active slot.
+prompt padded to a bucket), then runs `steps_per_call` decode steps for every active slot in
+one device call.
 """
 from __future__ import annotations
 
@@ -221,8 +222,9 @@ class Batcher:
     # --- the loop -----------------------------------------------------------------------
 
     def step_once(self) -> bool:
-        """Admits waiting requests into free slots, then runs one decode step. Returns whether
-        any request is still waiting or running."""
+        """Admits waiting requests into free slots, then runs one device call of
+        `steps_per_call` decode steps. Returns whether any request is still waiting or
+        running."""
         self._drop_cancelled()
         self._admit()
         active = [s is not None for s in self.slots]
