@@ -180,14 +180,14 @@ def xs_ys_stage(config, group_size, num_groups, causal_only, kv_window, name):
     return call
 
 
-def decode_temp_bytes(config, params, batch, max_new_tokens):
+def decode_temp_bytes(config, params, batch, max_new_tokens, cache_dtype="float32"):
     """Bytes of temporaries XLA's buffer assignment gives the whole compiled `generate`
     program (prefill and decode loop); its inputs and outputs (the final cache) not counted."""
     from cla_jax import decoding, sharding
     prompts, lengths = np.ones((batch, 1), np.int32), np.ones((batch,), np.int32)
     key = np.asarray(jax.random.key_data(jax.random.key(0)))
     compiled = decoding._generate.lower(config, max_new_tokens, Sampling(temperature=0), (),
-                                        "float32", sharding.single_device_mesh(),
+                                        cache_dtype, sharding.single_device_mesh(),
                                         params, prompts, lengths, key).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

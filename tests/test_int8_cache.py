@@ -3,13 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_decoding import decode_temp_bytes
 from test_model import forward, make_config, make_params
 from test_precision import decode_teacher_forced
 
 import cla_jax
 from cla_jax.cache import dequantize, quantize
 from cla_jax.capacity import capacity, without_cla
-from cla_jax import decoding, sharding
 from cla_jax.decoding import Sampling, generate
 
 BF16_EPS = 2.0 ** -7  # bfloat16's spacing at 1: a scale rounded up grows by less than this
@@ -161,16 +161,6 @@ def test_generate_with_an_int8_cache_for_every_attention_and_cla(pattern, kv):
             filled_BS[None, :, :, None], written_GBSK.shape))
 
 
-def int8_decode_temp_bytes(config, params, batch, max_new_tokens):
-    """Bytes of temporaries in the compiled `generate` program with an int8 cache."""
-    prompts, lengths = np.ones((batch, 1), np.int32), np.ones((batch,), np.int32)
-    key = np.asarray(jax.random.key_data(jax.random.key(0)))
-    compiled = decoding._generate.lower(config, max_new_tokens, Sampling(temperature=0), (),
-                                        "int8", sharding.single_device_mesh(),
-                                        params, prompts, lengths, key).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-
 def test_int8_decode_loop_writes_the_cache_in_place():
     """As test_decoding's in-place check, with an int8 cache of 16 groups: its temporaries are
     the dequantised float32 K and V of one group (1.2 x measured, as for a float32 cache),
@@ -182,5 +172,5 @@ def test_int8_decode_loop_writes_the_cache_in_place():
     one_group_float32_kv = 2 * batch * length * config.num_kv_heads * config.head_dim * 4
     stage_int8 = 16 * 2 * batch * length * config.num_kv_heads * (config.head_dim + 2)
     assert stage_int8 > 4 * one_group_float32_kv
-    temp = int8_decode_temp_bytes(config, params, batch, length - 1)
+    temp = decode_temp_bytes(config, params, batch, length - 1, cache_dtype="int8")
     assert temp < 1.5 * one_group_float32_kv, (temp, one_group_float32_kv)
