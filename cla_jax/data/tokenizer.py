@@ -65,6 +65,12 @@ class Tokenizer(abc.ABC):
     def token_bytes(self) -> np.ndarray:
         """int64 [vocab_size]: UTF-8 bytes each id stands for (0 for special ids)."""
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: bos (a model trained on packed documents predicts the
+        separator after a document) and eos."""
+        return (self.bos_id, self.eos_id)
+
 
 class ByteTokenizer(Tokenizer):
     """One id per UTF-8 byte (id = byte + 3); no training, exact round trip."""

@@ -54,7 +54,7 @@ def main(argv):
     def run(new_tokens):
         start = time.perf_counter()
         out = jax.block_until_ready(generate(model, params, prompts, new_tokens, sampling, rng,
-                                             tokenizer.bos_id, FLAGS.cache_dtype, mesh))
+                                             tokenizer.stop_ids, FLAGS.cache_dtype, mesh))
         return out, time.perf_counter() - start
 
     _, compile_s = run(FLAGS.max_new_tokens)  # the first call compiles; time the second
@@ -65,7 +65,7 @@ def main(argv):
         return  # every process computed all the tokens; one prints them
     tokens = np.asarray(tokens)
     for text, row in zip(texts, tokens):
-        end = np.flatnonzero(row == tokenizer.bos_id)
+        end = np.flatnonzero(np.isin(row, tokenizer.stop_ids))
         row = row[:end[0]] if len(end) else row
         print(f"--- {text!r} (step {step})\n{text}{tokenizer.decode(row.tolist())}\n")
     generated = int((tokens != 0).sum())

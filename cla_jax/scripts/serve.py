@@ -198,7 +198,7 @@ def make_app(batcher: Batcher, tokenizer, model_name: str,
     document separators; cla_jax/data/tokenizer.py).
     """
     if stop_ids is None:
-        stop_ids = (tokenizer.bos_id, tokenizer.eos_id)
+        stop_ids = tokenizer.stop_ids
     engine = batcher.engine
     created = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created,
