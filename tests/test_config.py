@@ -38,7 +38,16 @@ TABLE_1 = {
     "1b_h128_mqa_cla2_densefront": (128, 16, 1, 11, 5632),
     "1b_h128_mqa_cla2_denseback": (128, 16, 1, 11, 5632),
 }
-PAPER_3B = ("3b_h128_mqa", "3b_h64_mqa", "3b_h64_mqa_cla2")
+# 3B models (d_model 3072, 32 layers): name -> (d_head, heads, KV layers, KV bytes/token at
+# 16 bit). Table 5 compares H128-MQA-CLA2 with H64-MQA at 8192 bytes; Table 7 H64-MQA-CLA2 with
+# H32-MQA at 4096.
+PAPER_3B = {
+    "3b_h128_mqa": (128, 24, 32, 16384),
+    "3b_h128_mqa_cla2": (128, 24, 16, 8192),
+    "3b_h64_mqa": (64, 48, 32, 8192),
+    "3b_h64_mqa_cla2": (64, 48, 16, 4096),
+    "3b_h32_mqa": (32, 96, 32, 4096),
+}
 
 
 def load_paper(name):
@@ -92,11 +101,15 @@ def test_table1_kv_bytes_params_and_cache(name):
     assert 0.9e9 < counted < 1.3e9
 
 
-@pytest.mark.parametrize("name", PAPER_3B)
+@pytest.mark.parametrize("name", sorted(PAPER_3B))
 def test_3b_configs_build(name):
+    d_head, heads, kv_layers, paper_bytes = PAPER_3B[name]
     model = ModelConfig.from_dict(load_paper(name).model)
+    assert (model.head_dim, model.num_heads, model.num_kv_heads) == (d_head, heads, 1)
+    assert model.num_heads * model.head_dim == model.d_model == 3072
+    assert model.num_kv_layers == kv_layers
+    assert cla_jax.kv_bytes_per_token(model) == 2 * 1 * d_head * kv_layers * 2 == paper_bytes
     assert 3.0e9 < cla_jax.num_params(model) < 3.6e9
-    assert model.num_kv_layers == (16 if name.endswith("cla2") else 32)
 
 
 def test_paper_optimizer_settings_are_written_in():
