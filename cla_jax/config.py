@@ -18,6 +18,9 @@ ATTENTION_KINDS = ("auto", "xla", "cudnn", "reference")
 REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "checkpoint_dots",
                   "dots_no_batch": "checkpoint_dots_with_no_batch_dims"}
 DTYPES = ("float32", "bfloat16", "float16")
+# model.rope_scaling: how the RoPE frequencies are stretched for long contexts, as transformers'
+# rope types of the same names (Llama 3.1/3.2 use llama3).
+ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
 class ConfigError(UserError):
@@ -67,6 +70,11 @@ class ModelConfig:
     kv_sharing: int = 1
     group_sizes: tuple[int, ...] | None = None
     rope_base: float = 10000.0
+    rope_scaling: str = "default"
+    rope_scaling_factor: float = 1.0          # linear and llama3
+    rope_low_freq_factor: float = 1.0         # llama3 only, as the next two
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     tie_embeddings: bool = False
@@ -160,6 +168,7 @@ def _validate(c: ModelConfig) -> None:
              f"({c.num_layers}), got {c.kv_sharing!r}")
     if not c.rope_base > 1:
         fail(f"model.rope_base must be > 1, got {c.rope_base!r}")
+    _validate_rope_scaling(c)
     if not 0 < c.norm_eps < 1:
         fail(f"model.norm_eps must be in (0, 1), got {c.norm_eps!r}")
     if not c.init_std > 0:
@@ -171,6 +180,36 @@ def _validate(c: ModelConfig) -> None:
         fail(f"model.attention must be one of {ATTENTION_KINDS}, got {c.attention!r}")
     if c.remat not in REMAT_POLICIES:
         fail(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {c.remat!r}")
+
+
+def _validate_rope_scaling(c: ModelConfig) -> None:
+    if c.rope_scaling not in ROPE_SCALINGS:
+        raise ConfigError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, got "
+                          f"{c.rope_scaling!r}")
+    applies_to = {"rope_scaling_factor": ("linear", "llama3"), "rope_low_freq_factor": ("llama3",),
+                  "rope_high_freq_factor": ("llama3",), "rope_original_max_len": ("llama3",)}
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for name, kinds in applies_to.items():
+        if c.rope_scaling not in kinds and getattr(c, name) != defaults[name]:
+            raise ConfigError(f"model.{name} is {getattr(c, name)!r}, but it only applies to "
+                              f"model.rope_scaling {' or '.join(kinds)} (it is "
+                              f"{c.rope_scaling!r}); leave it at {defaults[name]!r}")
+    if c.rope_scaling == "default":
+        return
+    if not c.rope_scaling_factor >= 1:
+        raise ConfigError(f"model.rope_scaling_factor must be >= 1 (how many times longer the "
+                          f"context is stretched), got {c.rope_scaling_factor!r}")
+    if c.rope_scaling == "llama3":
+        if not 0 < c.rope_low_freq_factor < c.rope_high_freq_factor:
+            raise ConfigError(
+                "model.rope_low_freq_factor and model.rope_high_freq_factor must satisfy "
+                f"0 < low < high, got {c.rope_low_freq_factor!r} and "
+                f"{c.rope_high_freq_factor!r}")
+        value = c.rope_original_max_len
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError("model.rope_original_max_len (the pretraining context length "
+                              f"llama3 scaling starts from) must be a positive integer, got "
+                              f"{value!r}")
 
 
 def kv_bytes_per_token(config: ModelConfig, bytes_per_element: int = 2) -> int:

@@ -7,12 +7,14 @@
 
 MHA, GQA and MQA Llamas (and Mistral without a sliding window) map one to one onto a CLA1
 model: every layer is its own group. The workdir gets step 0 of a new run (fresh optimizer),
-`config.py` that rebuilds its config, and the model's `tokenizer.json` when there is one.
+`config.py` that rebuilds its config, and the model's tokenizer in `tokenizer/`.
 
-Ids: cla-jax reserves 0/1/2 for pad/bos/eos and shifts a tokenizer.json's ids up by 3 (see
-cla_jax/data/tokenizer.py), so HF id i is row i + 3 of the embedding and unembedding. Rows 1
-and 2 copy the model's own bos and eos rows; pad's rows are zero: it is never a target, and its
-constant logit 0 sits far below a trained model's top logits.
+Ids are the model's own: the embedding and unembedding are the checkpoint's rows unchanged,
+and the run's tokenizer is `workdir/tokenizer/` (tokenizer.json and the files naming the
+special ids: config.json, generation_config.json, tokenizer_config.json), which
+cla_jax/data/tokenizer.py reads as an HFModelTokenizer: bos, pad and the eos ids that end a
+generation are the model's. RoPE scaling of type linear and llama3 (Llama 3.1/3.2) maps onto
+model.rope_scaling; other types are refused.
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ import numpy as np
 from etils import epath
 
 from cla_jax.config import ConfigError, ModelConfig
-from cla_jax.data.tokenizer import BOS_ID, EOS_ID, NUM_SPECIAL_IDS
+from cla_jax.data.tokenizer import MODEL_ID_FILES, HFModelTokenizer
 from cla_jax.storage import as_path
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
 SUPPORTED_TYPES = ("llama", "mistral")
+# A model directory's tokenizer: tokenizer.json, the files naming its special ids, and the
+# map transformers keeps beside them (copied along so an export gives all of them back).
+TOKENIZER_FILES = ("tokenizer.json", *MODEL_ID_FILES, "special_tokens_map.json")
 
 
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -81,39 +86,46 @@ def model_config_from_hf(hf: dict, dtype: str = "float32") -> dict:
         refuse("the model has attention or MLP biases")
     if hf.get("sliding_window") is not None:
         refuse(f"sliding_window {hf['sliding_window']} attention is not supported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        refuse(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
     heads = hf["num_attention_heads"]
     return dict(
-        vocab_size=hf["vocab_size"] + NUM_SPECIAL_IDS, d_model=hf["hidden_size"],
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         mlp_dim=hf["intermediate_size"], kv_sharing=1, group_sizes="",
-        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dtype=dtype, param_dtype="float32")
+        dtype=dtype, param_dtype="float32", **rope_fields(hf, refuse))
 
 
-def _special_row(hf: dict, key: str, table: np.ndarray) -> np.ndarray:
-    token = hf.get(key)
-    token = token[0] if isinstance(token, list) else token
-    return table[token] if token is not None else np.zeros_like(table[0])
+def rope_fields(hf: dict, refuse) -> dict:
+    """model.rope_* for config.json's RoPE: transformers 4 writes rope_theta and rope_scaling,
+    transformers 5 one rope_parameters dict."""
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        refuse("partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
+    fields = dict(rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    if rope_type == "default":
+        return fields
+    if rope_type not in ("linear", "llama3"):
+        refuse(f"RoPE scaling {rope_type!r} is not supported (default, linear and llama3 are)")
+
+    def value(key: str) -> float:
+        if key not in rope:
+            refuse(f"RoPE scaling {rope_type!r} without its {key!r}")
+        return float(rope[key])
+    fields.update(rope_scaling=rope_type, rope_scaling_factor=value("factor"))
+    if rope_type == "llama3":  # transformers' fallback for a missing original length
+        rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        fields.update(rope_low_freq_factor=value("low_freq_factor"),
+                      rope_high_freq_factor=value("high_freq_factor"),
+                      rope_original_max_len=int(value("original_max_position_embeddings")))
+    return fields
 
 
-def _vocab_rows(table_VD: np.ndarray, hf: dict) -> np.ndarray:
-    """[V, D] in HF ids -> [V + 3, D] in cla-jax ids (pad zero, bos/eos the model's own)."""
-    special = np.zeros((NUM_SPECIAL_IDS, table_VD.shape[1]), np.float32)
-    special[BOS_ID] = _special_row(hf, "bos_token_id", table_VD)
-    special[EOS_ID] = _special_row(hf, "eos_token_id", table_VD)
-    return np.concatenate([special, table_VD.astype(np.float32)])
-
-
-def convert_weights(weights: dict[str, np.ndarray], hf: dict, model: ModelConfig) -> dict:
+def convert_weights(weights: dict[str, np.ndarray], model: ModelConfig) -> dict:
     """HF tensors ([out, in] linear weights) -> a cla-jax CLA1 param tree (float32)."""
     from cla_jax.adapt import stack_layers  # noqa: PLC0415
     weights = {re.sub(r"^model\.", "", k): v for k, v in weights.items()}
@@ -140,14 +152,31 @@ def convert_weights(weights: dict[str, np.ndarray], hf: dict, model: ModelConfig
             "mlp": {name: {"kernel": take(f"{p}mlp.{name}_proj.weight").T}
                     for name in ("gate", "up", "down")},
         })
-    params = {"embed": {"embedding": _vocab_rows(take("embed_tokens.weight"), hf)},
+    params = {"embed": {"embedding": take("embed_tokens.weight")},
               "final_norm": {"scale": take("norm.weight")}, **stack_layers(layers, model)}
     if not model.tie_embeddings:
-        params["unembed"] = {"kernel": _vocab_rows(take("lm_head.weight"), hf).T}
-    unused = sorted(set(weights) - used - {"rotary_emb.inv_freq"})
+        params["unembed"] = {"kernel": take("lm_head.weight").T}
+    # A tied checkpoint may still carry lm_head (a copy of the embedding): not a weight.
+    unused = sorted(set(weights) - used - {"rotary_emb.inv_freq"}
+                    - ({"lm_head.weight"} if model.tie_embeddings else set()))
     if unused:
         raise ConfigError(f"the checkpoint has tensors this import does not map: {unused[:6]}")
     return params
+
+
+def check_tokenizer(hf_dir: pathlib.Path, model: ModelConfig) -> None:
+    """Refuses a tokenizer whose ids the model lacks, or one without an eos."""
+    tokenizer = HFModelTokenizer(hf_dir)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"{hf_dir}: tokenizer.json has {tokenizer.vocab_size} ids but the "
+                          f"model only {model.vocab_size} rows; is it this model's tokenizer?")
+
+
+def copy_tokenizer(hf_dir: pathlib.Path, target: epath.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            (target / name).write_bytes((hf_dir / name).read_bytes())
 
 
 def import_checkpoint(hf_dir, workdir, dtype: str = "float32",
@@ -164,13 +193,21 @@ def import_checkpoint(hf_dir, workdir, dtype: str = "float32",
     config.model.update(model_config_from_hf(hf, dtype))
     config.data.source = source
     model = ModelConfig.from_dict(config.model)
-    params = convert_weights(read_weights(hf_dir), hf, model)
+    params = convert_weights(read_weights(hf_dir), model)
+    has_tokenizer = (hf_dir / "tokenizer.json").is_file()
+    if has_tokenizer:
+        check_tokenizer(hf_dir, model)
+        config.data.tokenizer = str(workdir / "tokenizer")
+    else:
+        from absl import logging  # noqa: PLC0415
+        logging.warning("%s has no tokenizer.json: set data.tokenizer in %s to the model's "
+                        "tokenizer (a directory holding its tokenizer.json) before eval or "
+                        "training", hf_dir, workdir / "config.py")
     workdir.mkdir(parents=True, exist_ok=True)
-    if (hf_dir / "tokenizer.json").is_file():
-        (workdir / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
-        config.data.tokenizer = str(workdir / "tokenizer.json")
     target = write_first_step(workdir / "checkpoints", config, params,
                               {"imported_from": str(hf_dir.absolute())})
+    if has_tokenizer:
+        copy_tokenizer(hf_dir, workdir / "tokenizer")
     (workdir / "config.py").write_text(
         f'"""The config of the model imported from {hf_dir} (cla_jax.hf_import)."""\n'
         "import ml_collections\n\n\ndef get_config():\n"
@@ -195,7 +232,7 @@ def run():
     from cla_jax import cli
 
     flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory (config.json, "
-                        "*.safetensors, optionally tokenizer.json).")
+                        "*.safetensors, tokenizer.json, generation_config.json).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the run "
                       "(weights are kept in float32).")
     flags.DEFINE_string("source", "shakespeare", "The run's config.data.source, which eval.py "

@@ -49,6 +49,12 @@ class Corpus:
     train: TokenStream
     validation: TokenStream
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The tokenizer's bos and pad ids, as the batch builders (data.pipeline) take them:
+        a Hugging Face model's own ids need not be 0 and 1."""
+        return {"bos_id": self.tokenizer.bos_id, "pad_id": self.tokenizer.pad_id}
+
     def unigram_perplexity(self, split: str = sources.VALIDATION) -> float:
         """Perplexity on `split` of the train split's add-one smoothed token frequencies (every
         token but the split's first is predicted): the baseline a model must beat to have

@@ -1,11 +1,15 @@
 """Tokenizers behind one small interface: bytes, SentencePiece BPE, Hugging Face `tokenizer.json`.
 
-Every tokenizer here uses the same three special ids, so the packing code and the model never
-need to ask which tokenizer they got:
+The tokenizers for models trained here use the same three special ids, so the packing code
+and the model never need to ask which tokenizer they got:
 
     0 = pad (never a real token; loss weight 0)
     1 = bos, the document separator put in front of every document
     2 = eos (reserved; the packed stream uses bos only)
+
+A Hugging Face model directory's tokenizer (`HFModelTokenizer`, for imported models) keeps
+the model's own ids instead, and its pad/bos/eos are the model's: code that needs a special id
+reads the tokenizer's `pad_id`, `bos_id` and `stop_ids`, never the constants above.
 
 `token_bytes()` gives the number of UTF-8 bytes each id stands for, so that
 bits/byte = sum(nll) / ln(2) / sum(token_bytes[targets]) compares tokenizers fairly. The special
@@ -15,6 +19,7 @@ exactly the UTF-8 length of the text for the byte and SentencePiece (byte_fallba
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import io
 import json
@@ -34,7 +39,8 @@ NUM_SPECIAL_IDS = 3
 
 
 class Tokenizer(abc.ABC):
-    """Text <-> int ids, with pad 0, a document separator (bos) and per-token byte counts."""
+    """Text <-> int ids, with a pad id, a document separator (bos), the ids that end a
+    generation and per-token byte counts."""
 
     pad_id: int = PAD_ID
     bos_id: int = BOS_ID
@@ -256,12 +262,15 @@ def _gpt2_unicode_to_byte() -> dict[str, int]:
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` (needs the optional `tokenizers` package).
 
-    Its ids are shifted up by 3 so that 0/1/2 are pad/bos/eos. token_bytes is exact for
-    byte-level BPE (GPT-2 style) models. For SentencePiece-style models ("▁" for space, <0xNN>
-    byte pieces) it counts each "▁" as one byte, which over-counts the one space a Metaspace
+    Its ids are shifted up by 3 so that 0/1/2 are pad/bos/eos (for models trained here; an
+    imported model keeps its own ids: `HFModelTokenizer`). token_bytes is exact for byte-level
+    BPE (GPT-2 style) models. For SentencePiece-style models ("▁" for space, <0xNN> byte
+    pieces) it counts each "▁" as one byte, which over-counts the one space a Metaspace
     pre-tokenizer prepends to a text; for WordPiece-like models it misses the spaces the
     decoder inserts between words.
     """
+
+    offset = NUM_SPECIAL_IDS  # HF id i is our id i + offset
 
     def __init__(self, json_path: epath.PathLike):
         try:
@@ -276,29 +285,39 @@ class HFTokenizer(Tokenizer):
         self._tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         self._spec = json.loads(raw)
         self._identity = f"hf{self._tokenizer.get_vocab_size()}-{_short_hash(raw)}"
+        self._raw = raw
 
     def __reduce__(self):
         return type(self), (self._json_path,)
 
     @property
     def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size() + NUM_SPECIAL_IDS
+        return self._tokenizer.get_vocab_size() + self.offset
 
     @property
     def identity(self) -> str:
         return self._identity
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        """Our ids that stand for no text."""
+        added = {t["id"] + self.offset for t in self._spec.get("added_tokens", [])
+                 if t.get("special")}
+        return frozenset(added | set(range(self.offset)) | {self.pad_id, self.bos_id,
+                                                            *self.stop_ids})
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         batch = self._tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [[i + NUM_SPECIAL_IDS for i in encoding.ids] for encoding in batch]
+        return [[i + self.offset for i in encoding.ids] for encoding in batch]
 
     def decode(self, ids: Iterable[int]) -> str:
+        special, size = self._special_ids, self.vocab_size
         return self._tokenizer.decode(
-            [i - NUM_SPECIAL_IDS for i in ids if i >= NUM_SPECIAL_IDS], skip_special_tokens=True
-        )
+            [i - self.offset for i in ids if 0 <= i < size and i not in special],
+            skip_special_tokens=True)
 
     def _decoder_types(self) -> set[str]:
         decoder = self._spec.get("decoder") or {}
@@ -307,19 +326,84 @@ class HFTokenizer(Tokenizer):
     def token_bytes(self) -> np.ndarray:
         byte_level = "ByteLevel" in self._decoder_types()
         unicode_to_byte = _gpt2_unicode_to_byte()
-        special = {t["id"] for t in self._spec.get("added_tokens", []) if t.get("special")}
         counts = np.zeros(self.vocab_size, np.int64)
         for token, i in self._tokenizer.get_vocab(with_added_tokens=True).items():
-            if i in special:
-                n = 0
-            elif byte_level and all(c in unicode_to_byte for c in token):
+            if byte_level and all(c in unicode_to_byte for c in token):
                 n = len(token)
             elif _BYTE_PIECE.match(token):
                 n = 1
             else:
                 n = len(token.removeprefix("##").replace("\u2581", " ").encode("utf-8"))
-            counts[i + NUM_SPECIAL_IDS] = n
+            counts[i + self.offset] = n
+        counts[sorted(self._special_ids)] = 0
         return counts
+
+
+MODEL_ID_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
+
+
+class HFModelTokenizer(HFTokenizer):
+    """The tokenizer of a Hugging Face model directory, with the model's own ids (no shift):
+    what an imported model was trained with, as AutoTokenizer.from_pretrained(dir) gives.
+
+    The directory holds tokenizer.json and, for the special ids, any of config.json
+    (bos/eos/pad_token_id), generation_config.json (eos_token_id: the id, or list of ids, that
+    end a generation; Llama 3 has several) and tokenizer_config.json (bos/eos/pad_token as
+    text), read in that order of precedence. stop_ids are every eos id of config.json and
+    generation_config.json, and bos (a model uptrained here on packed documents predicts the
+    next document's bos at a document's end). A model without a bos uses its first eos as the
+    document separator; one without a pad pads with its first eos: padding is always weighted
+    out, never recognised by its id.
+    """
+
+    offset = 0
+
+    def __init__(self, model_dir: epath.PathLike):
+        self._model_dir = model_dir
+        directory = epath.Path(model_dir)
+        super().__init__(directory / "tokenizer.json")
+        files = {name: json.loads((directory / name).read_text())
+                 for name in MODEL_ID_FILES if (directory / name).is_file()}
+        config, generation, tokenizer_config = (files.get(n, {}) for n in MODEL_ID_FILES)
+
+        def ids(key: str) -> list[int]:
+            """The ids `key` names: config.json's, else generation_config.json's, else those
+            of tokenizer_config.json's token text."""
+            for source in (config, generation):
+                if source.get(f"{key}_token_id") is not None:
+                    return _as_list(source[f"{key}_token_id"])
+            token = tokenizer_config.get(f"{key}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            i = self._tokenizer.token_to_id(token) if token else None
+            return [] if i is None else [i]
+
+        # Both lists of eos ids count: generation_config.json's is what transformers' generate
+        # stops at, config.json's what the model declares.
+        eos = [i for i in ids("eos") + _as_list(generation.get("eos_token_id")) if i is not None]
+        if not eos:
+            raise UserError(f"{directory}: no eos id in {', '.join(MODEL_ID_FILES)}; a model "
+                            "needs one to end a generation")
+        self.eos_id, self.bos_id, self.pad_id = eos[0], (ids("bos") or eos)[0], \
+            (ids("pad") or eos)[0]
+        self._stop_ids = tuple(dict.fromkeys(eos + [self.bos_id]))
+        bad = sorted({i for i in (self.pad_id, *self._stop_ids) if not 0 <= i < self.vocab_size})
+        if bad:
+            raise UserError(f"{directory}: special ids {bad} are outside tokenizer.json's "
+                            f"{self.vocab_size} ids")
+        ids_text = json.dumps([self.pad_id, self.bos_id, self._stop_ids]).encode()
+        self._identity = f"hfmodel{self.vocab_size}-{_short_hash(self._raw + ids_text)}"
+
+    def __reduce__(self):
+        return type(self), (self._model_dir,)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every eos id of the model, then bos."""
+        return self._stop_ids
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list) else [value]
 
 
 def load_tokenizer(
@@ -334,7 +418,9 @@ def load_tokenizer(
     "bpe:<vocab_size>" SentencePiece BPE cached as `cache_dir/bpe<vocab_size>.model`, trained on
                        `training_texts()` (the train split) the first time
     "<path>.model"     an existing SentencePiece model
-    "<path>.json"      a Hugging Face tokenizer.json (needs `tokenizers`)
+    "<path>.json"      a Hugging Face tokenizer.json, ids shifted by 3 (needs `tokenizers`)
+    "<directory>"      a Hugging Face model's tokenizer.json and id files, with the model's own
+                       ids (HFModelTokenizer; what hf_import writes for an imported model)
     """
     if spec == "byte":
         return ByteTokenizer()
@@ -354,6 +440,12 @@ def load_tokenizer(
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         return SentencePieceTokenizer.load(path) if spec.endswith(".model") else HFTokenizer(path)
+    path = epath.Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer directory {path} has no tokenizer.json")
+        return HFModelTokenizer(path)
     raise UserError(
-        f"unknown tokenizer spec {spec!r}: use 'byte', 'bpe:<vocab_size>', a .model or a .json path"
+        f"unknown tokenizer spec {spec!r}: use 'byte', 'bpe:<vocab_size>', a .model or a .json "
+        "path, or a Hugging Face model directory holding tokenizer.json"
     )

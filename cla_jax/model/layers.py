@@ -41,10 +41,40 @@ class RMSNorm(nn.Module):
         return (x * scale.astype(jnp.float32)).astype(dtype_of(cfg.dtype))
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
-    """Rotary embedding, half-split convention (as Llama / Hugging Face), in float32."""
-    half = x_BTNH.shape[-1] // 2
+def rope_frequencies(rope: ModelConfig | float, head_dim: int) -> jax.Array:
+    """float32 [head_dim // 2]: the rotation speed of each pair, base^(-i / half), stretched as
+    rope.rope_scaling says, by the rules of transformers' rope types of the same names.
+
+    rope: the model config (its rope_base and rope scaling) or a bare base (plain RoPE).
+    linear divides every frequency by the factor. llama3 divides the low frequencies (waves
+    longer than original_max_len / low_freq_factor) by the factor, keeps the high ones (shorter
+    than original_max_len / high_freq_factor) and blends the two in between.
+    """
+    base = rope if isinstance(rope, (int, float)) else rope.rope_base
+    scaling = "default" if isinstance(rope, (int, float)) else rope.rope_scaling
+    half = head_dim // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling == "default":
+        return inv_freq
+    factor = rope.rope_scaling_factor
+    if scaling == "linear":
+        return inv_freq / factor
+    old_len, low, high = (rope.rope_original_max_len, rope.rope_low_freq_factor,
+                          rope.rope_high_freq_factor)
+    wavelength = 2 * math.pi / inv_freq
+    stretched = jnp.where(wavelength > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelength - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = ~(wavelength < old_len / high) & ~(wavelength > old_len / low)
+    return jnp.where(medium, blended, stretched)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, rope: ModelConfig | float
+               ) -> jax.Array:
+    """Rotary embedding, half-split convention (as Llama / Hugging Face), in float32.
+
+    rope: the model config, or a bare base for plain RoPE (see `rope_frequencies`)."""
+    inv_freq = rope_frequencies(rope, x_BTNH.shape[-1])
     angles_BTH = positions_BT[..., None].astype(jnp.float32) * inv_freq
     sin, cos = jnp.sin(angles_BTH)[:, :, None, :], jnp.cos(angles_BTH)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)

@@ -75,7 +75,7 @@ class DecoderLayer(nn.Module):
             kv_axes = ("embed", "kv_heads", "head_dim")
             k_BTKH = projection(cfg, kv_features, -1, kv_axes, "key")(kv_in)
             v_BTKH = projection(cfg, kv_features, -1, kv_axes, "value")(kv_in)
-            k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_base)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
             axes = ("batch", "length", "kv_heads", "head_dim")
             if cache_kv is not None:
                 cache_kv = write_cache(cache_kv, group, k_BTKH, v_BTKH, positions_BT)
@@ -84,7 +84,7 @@ class DecoderLayer(nn.Module):
 
         q_BTNH = projection(cfg, (cfg.num_heads, cfg.head_dim), -1,
                             ("embed", "heads", "head_dim"), "query")(h_BTD)
-        q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_base)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
         out_BTNH = attend(q_BTNH, *kv, mask_BTS, kind=cfg.attention, causal_only=self.causal_only)
         x_BTD = x_BTD + projection(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"),

@@ -63,12 +63,14 @@ def main(argv):
     _, prefill_s = run(1)
     if jax.process_index() != 0:
         return  # every process computed all the tokens; one prints them
-    tokens = np.asarray(tokens)
-    for text, row in zip(texts, tokens):
-        end = np.flatnonzero(np.isin(row, tokenizer.stop_ids))
-        row = row[:end[0]] if len(end) else row
+    generated = 0
+    for text, row in zip(texts, np.asarray(tokens)):
+        # A row ends at its first stop id (what follows is filler, whose id 0 may be a real
+        # token of an imported model); the stop id counts as generated.
+        stops = np.flatnonzero(np.isin(row, tokenizer.stop_ids))
+        generated += int(stops[0]) + 1 if len(stops) else len(row)
+        row = row[:stops[0]] if len(stops) else row
         print(f"--- {text!r} (step {step})\n{text}{tokenizer.decode(row.tolist())}\n")
-    generated = int((tokens != 0).sum())
     per_token = kv_bytes(cache) // (len(prompts) * cache.max_length)  # scales included
     print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.0f} tokens/s; prefill "
           f"{prefill_s * 1e3:.0f} ms; first call with compilation {compile_s:.1f} s); KV cache "

@@ -88,7 +88,7 @@ class _StopOnSigterm:
 def validation_metrics(eval_step, params, corpus: Corpus, train, mesh,
                        max_batches: int | None):
     batches = eval_batches(corpus.validation, train.seq_len, train.batch_size,
-                           *sharding.data_share(mesh))
+                           *sharding.data_share(mesh), **corpus.special_ids)
     if max_batches:
         batches = (b for _, b in zip(range(max_batches), batches))
     return evaluation.evaluate(eval_step, params,
@@ -180,7 +180,7 @@ def train_and_evaluate(config, workdir, cache_dir,
     resumed = checkpoint.restore_newest_state(ckpt_dir, abstract_state(model, optimizer, mesh),
                                               check_resumable)
     data = train_batches(corpus.train, train.seq_len, train.batch_size, train.seed,
-                         *sharding.data_share(mesh))
+                         *sharding.data_share(mesh), **corpus.special_ids)
     if resumed:
         state = resumed.state
         if restores_data(resumed.meta, restart_data):
