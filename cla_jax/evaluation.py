@@ -1,10 +1,32 @@
-"""Perplexity and bits per byte over a whole split: no batch dropped, padding weighted out."""
+"""Perplexity over a whole split or a list of documents, by one of three protocols.
+
+    windows    disjoint windows of seq_len targets (as training reads the stream); a window
+               starting inside a document sees none of its earlier tokens
+    strided    the Hugging Face perplexity guide's sliding window: windows every `stride`
+               tokens, each scoring only the targets the previous one did not, so every target
+               has at least seq_len - stride tokens of context (stride = seq_len is `windows`)
+    documents  each document scored from its start, rolling windows inside long documents,
+               as lm-evaluation-harness's loglikelihood_rolling (see packing.document_spans)
+
+windows and strided run over the split's stream, bos targets (document ends) included, and
+attention never crosses a bos; documents scores each document's tokens only. In every protocol
+each scored target counts once, no batch is dropped and padding weighs 0. Sums stay on device
+(`accumulate`): exact integer counts and double-float NLL, read once at the end.
+
+Reported: token perplexity (exp of mean NLL per scored token), word and byte perplexity and
+bits/byte as lm-eval's wikitext task reports them (NLL per word, words = len(re.split(r"\\s+",
+text)) of each decoded document; bytes = the UTF-8 bytes of the scored tokens, from the
+tokenizer's token_bytes).
+"""
 from __future__ import annotations
 
+import collections
 import math
-from typing import Callable, Iterable
+import re
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -12,8 +34,15 @@ from cla_jax import checkpoint, sharding
 from cla_jax.config import kv_bytes_per_token, num_params
 from cla_jax.data import eval_batches, num_eval_batches
 from cla_jax.data.corpus import prepare_corpus
+from cla_jax.data.packing import document_spans, pack_spans, span_rows, strided_spans
+from cla_jax.errors import UserError
 from cla_jax.storage import as_path
-from cla_jax.train.step import make_eval_step
+from cla_jax.train.step import make_eval_step, two_sum
+
+PROTOCOLS = ("windows", "strided", "documents")
+# Batches dispatched ahead of the device: enough to keep it busy, few enough that a host which
+# packs faster than the device scores does not queue a whole split's inputs in device memory.
+MAX_IN_FLIGHT = 8
 
 
 def safe_exp(x: float) -> float:
@@ -21,39 +50,202 @@ def safe_exp(x: float) -> float:
     return math.exp(x) if x < math.log(np.finfo(np.float64).max) else math.inf
 
 
+# --- Exact running sums on device ----------------------------------------------------------
+# Totals hold, for each leaf of the eval step's sums, two arrays of the leaf's shape: for an
+# integer leaf the low and high uint32 limbs of a 64-bit count (x64 is off and int32 wraps at
+# 2^31), for a float leaf the high and low float32 parts of a double-float sum (float32 alone
+# stops counting whole tokens' NLL past 2^24).
+
+def _add(total, x):
+    a, b = total
+    if jnp.issubdtype(x.dtype, jnp.integer):  # x >= 0 and < 2^32
+        low = a + x.astype(jnp.uint32)
+        return low, b + (low < a).astype(jnp.uint32)
+    s, err = two_sum(a, x.astype(jnp.float32))
+    return two_sum(s, b + err)
+
+
+@jax.jit
+def accumulate(totals, sums):
+    """totals + sums (both on device, no host sync); totals None starts from zero."""
+    if totals is None:
+        totals = {k: (jnp.zeros_like(v, jnp.uint32), jnp.zeros_like(v, jnp.uint32))
+                  if jnp.issubdtype(v.dtype, jnp.integer) else
+                  (jnp.zeros_like(v, jnp.float32), jnp.zeros_like(v, jnp.float32))
+                  for k, v in sums.items()}
+    return {k: _add(totals[k], v) for k, v in sums.items()}
+
+
+def read_totals(totals) -> dict[str, int | float]:
+    """One device-to-host copy: each leaf summed over its elements, as a Python int (exact) or
+    float (float64)."""
+    out = {}
+    for key, (a, b) in jax.device_get(totals).items():
+        if np.issubdtype(a.dtype, np.integer):
+            out[key] = sum((int(hi) << 32) + int(lo) for lo, hi in zip(a.ravel(), b.ravel()))
+        else:
+            out[key] = math.fsum(np.concatenate([a.ravel(), b.ravel()]).astype(np.float64))
+    return out
+
+
+# --- Metrics --------------------------------------------------------------------------------
+
+def count_words(text: str) -> int:
+    """Words of one document as lm-eval's wikitext task counts them (an empty text is 1)."""
+    return len(re.split(r"\s+", text))
+
+
+def metrics(nll: float, tokens: int, num_bytes: int, words: int | None = None) -> dict:
+    """Token and byte perplexity, bits/byte, and with `words` word perplexity, of a total NLL
+    in nats (all numbers: the train loop logs every value)."""
+    out = {"nll": nll, "tokens": tokens, "bytes": num_bytes,
+           "mean_nll": nll / max(tokens, 1), "perplexity": safe_exp(nll / max(tokens, 1)),
+           "byte_perplexity": safe_exp(nll / max(num_bytes, 1)),
+           "bits_per_byte": nll / math.log(2) / max(num_bytes, 1)}
+    if words is not None:
+        out.update(words=words, word_perplexity=safe_exp(nll / max(words, 1)))
+    return out
+
+
 def evaluate(eval_step: Callable, params, batches: Iterable[dict], num_batches: int | None = None,
-             progress: bool = True) -> dict[str, float]:
-    """Streams `batches` through `eval_step` (see train.step.make_eval_step) and sums."""
-    totals = None
+             progress: bool = True, words: int | None = None) -> dict:
+    """Streams `batches` through `eval_step` (see train.step.make_eval_step), sums on device
+    and reads the totals once: `metrics` of the scored targets. No batch: all zero."""
+    totals, in_flight = None, collections.deque()
     for batch in tqdm(batches, total=num_batches, desc="eval", unit="batch",
                       disable=not progress, leave=False):
-        sums = eval_step(params, batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-    if totals is None:
-        raise ValueError("evaluation got no batches")
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    mean_nll = totals["nll"] / max(totals["tokens"], 1.0)
-    return {"tokens": int(totals["tokens"]), "mean_nll": mean_nll,
-            "perplexity": safe_exp(mean_nll),
-            "bits_per_byte": totals["nll"] / math.log(2) / max(totals["bytes"], 1.0)}
+        totals = accumulate(totals, eval_step(params, batch))
+        in_flight.append(totals)
+        if len(in_flight) > MAX_IN_FLIGHT:
+            jax.block_until_ready(in_flight.popleft())  # waits, copies nothing back
+    sums = read_totals(totals) if totals is not None else {"nll": 0.0, "tokens": 0, "bytes": 0}
+    return metrics(sums["nll"], sums["tokens"], sums["bytes"], words)
+
+
+# --- Span protocols (strided, documents) ----------------------------------------------------
+
+def span_batches(stream: Sequence[int], spans: np.ndarray, seq_len: int, batch_size: int,
+                 bos_id: int, process_index: int = 0,
+                 process_count: int = 1) -> tuple[Iterator[dict], int]:
+    """(this process's rows of each global batch of packed spans, number of batches)."""
+    rows = span_rows(spans, seq_len)
+    num_batches = -(-(int(rows[-1]) + 1) // batch_size) if len(rows) else 0
+    share = batch_size // process_count
+
+    def batches():
+        for index in range(num_batches):
+            first = index * batch_size + process_index * share
+            lo, hi = np.searchsorted(rows, [first, first + share])
+            yield pack_spans(stream, spans[lo:hi], rows[lo:hi] - first, share, seq_len, bos_id)
+
+    return batches(), num_batches
+
+
+def evaluate_spans(eval_step: Callable, params, stream: Sequence[int], spans: np.ndarray,
+                   seq_len: int, batch_size: int, bos_id: int, mesh=None, progress: bool = True,
+                   words: int | None = None) -> dict:
+    """`evaluate` over the spans (see cla_jax.data.packing) of a stream."""
+    share = sharding.data_share(mesh) if mesh is not None else (0, 1)
+    batches, num_batches = span_batches(stream, spans, seq_len, batch_size, bos_id, *share)
+    if mesh is not None:
+        batches = (sharding.global_batch(b, mesh) for b in batches)
+    return evaluate(eval_step, params, batches, num_batches, progress, words)
+
+
+def evaluate_documents(eval_step: Callable, params, documents: Sequence[Sequence[int]],
+                       seq_len: int, batch_size: int, bos_id: int, mesh=None,
+                       progress: bool = True, *, words: int | None = None) -> dict:
+    """Total NLL of documents, each scored from its start as lm-eval's loglikelihood_rolling.
+
+    eval_step: train.step.make_eval_step(model, token_bytes, mesh).
+    documents: token ids of each document, without bos (the prefix every document is scored
+        after) or eos; every token is scored once, the bos never. An empty document adds 0.
+    seq_len: inputs per rolling window (lm-eval's max_length). Windows of several documents
+        share a row of the [batch_size, seq_len] batches, each its own segment.
+    batch_size: global rows per batch (a multiple of the mesh's batch shards).
+    bos_id: the tokenizer's bos (tokenizer.bos_id).
+    mesh: the eval step's mesh, for multi-device or multi-process runs (None: one device).
+    words: the documents' word count (sum of `count_words` of their texts): adds "words"
+        and "word_perplexity" to the results.
+
+    Returns `metrics`: "nll" (total nats: -sum of loglikelihood_rolling), "tokens", "bytes"
+    (UTF-8 bytes of the tokens, by token_bytes), "perplexity" (per token), "mean_nll",
+    "byte_perplexity", "bits_per_byte", "documents", and with `words` "words" and
+    "word_perplexity".
+    """
+    lengths = np.array([len(d) for d in documents], np.int64)
+    bos_indices = np.cumsum(lengths + 1) - lengths - 1
+    stream = np.full(int(np.sum(lengths + 1)), bos_id, np.int32)
+    for start, document in zip(bos_indices.tolist(), documents):
+        stream[start + 1:start + 1 + len(document)] = document
+    spans = document_spans(bos_indices, lengths, seq_len)
+    results = evaluate_spans(eval_step, params, stream, spans, seq_len, batch_size, bos_id,
+                             mesh, progress, words)
+    return {**results, "documents": len(documents)}
+
+
+def document_bounds(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each document's bos, its number of tokens) in a split's stream."""
+    if len(tokens) == 0 or tokens[0] != bos_id:
+        raise UserError(f"the token stream does not start with bos (id {bos_id})")
+    bos_indices = np.flatnonzero(tokens == bos_id)
+    return bos_indices, np.diff(np.append(bos_indices, len(tokens))) - 1
+
+
+def split_words(tokenizer, tokens: np.ndarray, bos_indices: np.ndarray,
+                lengths: np.ndarray) -> int:
+    """Words of a split's documents, each decoded on its own (`count_words`)."""
+    return sum(count_words(tokenizer.decode(tokens[b + 1:b + 1 + n].tolist()))
+               for b, n in zip(bos_indices.tolist(), lengths.tolist()))
+
+
+def check_protocol(protocol: str, stride: int | None, seq_len: int | None = None) -> None:
+    """Refuses a protocol and stride that do not go together (before any work)."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol={protocol} is not one of {', '.join(PROTOCOLS)}")
+    if protocol != "strided" and stride is not None:
+        raise UserError(f"--stride is for --protocol=strided only, not --protocol={protocol}")
+    if protocol == "strided" and stride is None:
+        raise UserError("--protocol=strided needs --stride=N: tokens between window starts, "
+                        "1 to the run's train.seq_len")
+    if stride is not None and (stride <= 0 or (seq_len is not None and stride > seq_len)):
+        raise UserError(f"--stride={stride} must be in 1..{seq_len or 'train.seq_len'} (at "
+                        "most the window length)")
 
 
 def evaluate_checkpoint(workdir, cache_dir, step: int | None = None, split: str = "validation",
-                        batch_size: int | None = None, mesh_spec=None) -> dict:
-    """eval.py's work: a run's checkpoint (default: latest) over a whole split, with the
-    model's size, KV bytes/token and the split's unigram perplexity. mesh_spec None = the
-    run's config.mesh."""
+                        batch_size: int | None = None, mesh_spec=None,
+                        protocol: str = "windows", stride: int | None = None) -> dict:
+    """eval.py's work: a run's checkpoint (default: latest) over a whole split by `protocol`,
+    with the model's size, KV bytes/token and the split's unigram perplexity. mesh_spec None
+    = the run's config.mesh."""
+    check_protocol(protocol, stride)
     run = checkpoint.restore_model(as_path(workdir) / "checkpoints", step, mesh_spec)
     step, config, model, mesh = run.step, run.config, run.model, run.mesh
     seq_len, batch = config.train.seq_len, batch_size or config.train.batch_size
+    check_protocol(protocol, stride, seq_len)
     sharding.check_batch(batch, mesh, "the eval batch size (--batch_size)")
     corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
-    eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
+    tokenizer = corpus.tokenizer
+    eval_step = make_eval_step(model, tokenizer.token_bytes(), mesh)
     stream = corpus.validation if split == "validation" else corpus.train
-    batches = eval_batches(stream, seq_len, batch, *sharding.data_share(mesh))
-    results = evaluate(eval_step, run.params, (sharding.global_batch(b, mesh) for b in batches),
-                       num_eval_batches(stream, seq_len, batch))
-    results.update(step=step, split=split, mesh=dict(mesh.shape), params=num_params(model),
-                   kv_bytes_per_token=kv_bytes_per_token(model),
+    tokens = np.asarray(stream)  # the whole split: its documents, to count their words
+    bos_indices, lengths = document_bounds(tokens, tokenizer.bos_id)
+    words = split_words(tokenizer, tokens, bos_indices, lengths)
+    if protocol == "windows":
+        batches = eval_batches(tokens, seq_len, batch, *sharding.data_share(mesh),
+                               bos_id=tokenizer.bos_id)
+        results = evaluate(eval_step, run.params,
+                           (sharding.global_batch(b, mesh) for b in batches),
+                           num_eval_batches(tokens, seq_len, batch), words=words)
+    else:
+        spans = (strided_spans(len(tokens), seq_len, stride) if protocol == "strided" else
+                 document_spans(bos_indices, lengths, seq_len))
+        results = evaluate_spans(eval_step, run.params, tokens, spans, seq_len, batch,
+                                 tokenizer.bos_id, mesh, words=words)
+    results.update(protocol=protocol, seq_len=seq_len,
+                   stride=seq_len if protocol == "windows" else stride,
+                   documents=len(bos_indices), step=step, split=split, mesh=dict(mesh.shape),
+                   params=num_params(model), kv_bytes_per_token=kv_bytes_per_token(model),
                    unigram_perplexity=corpus.unigram_perplexity(split))
     return results

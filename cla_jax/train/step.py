@@ -74,17 +74,50 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
                    out_shardings=(state_sharding, sharding.replicated(mesh)))
 
 
+def two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum, any magnitudes)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def compensated_sum(x_BL) -> jax.Array:
+    """The sum of a float32 [B, L] as float32 [2] (high, low): a pairwise tree of TwoSums, along
+    L first (within a device's rows) then over B, carrying each rounding error. high + low is
+    the sum to about float64 precision; a plain float32 sum of B*L values loses up to
+    log2(B*L) bits."""
+    hi, lo = x_BL, jnp.zeros_like(x_BL)
+    for axis in (1, 0):
+        while hi.shape[axis] > 1:
+            if hi.shape[axis] % 2:
+                pad = [(0, 1) if a == axis else (0, 0) for a in range(hi.ndim)]
+                hi, lo = jnp.pad(hi, pad), jnp.pad(lo, pad)
+            hi_even, hi_odd = (jax.lax.slice_in_dim(hi, i, None, 2, axis) for i in (0, 1))
+            lo_even, lo_odd = (jax.lax.slice_in_dim(lo, i, None, 2, axis) for i in (0, 1))
+            hi, err = two_sum(hi_even, hi_odd)
+            lo = lo_even + lo_odd + err
+    return jnp.stack([hi.reshape(()), lo.reshape(())])
+
+
 def make_eval_step(config: ModelConfig, token_bytes, mesh: Mesh | None = None):
-    """(params, batch) -> sums of NLL, target tokens and target bytes (padding weighs 0)."""
+    """(params, batch) -> this batch's sums: "nll" float32 [2] (high + low, see
+    `compensated_sum`), "tokens" and "bytes" int32 (target tokens and their UTF-8 bytes).
+
+    Weights are 0 (padding, context) or 1 (a scored target); padding is weighed out by
+    `where`, so even a non-finite logit there cannot leak in. Sum batches with
+    `evaluation.Totals`, which keeps them exact on device.
+    """
     mesh = mesh or sharding.single_device_mesh()
-    token_bytes = np.asarray(token_bytes, np.float32)  # numpy: a constant in every process
+    token_bytes = np.asarray(token_bytes, np.int32)  # numpy: a constant in every process
 
     def eval_step(params, batch):
         with sharding.activate(mesh):
             nll = token_nll(config, params, batch)
-        w = batch["weights"]
-        return {"nll": jnp.sum(nll * w), "tokens": jnp.sum(w),
-                "bytes": jnp.sum(jnp.asarray(token_bytes)[batch["targets"]] * w)}
+        scored = batch["weights"] > 0
+        target_bytes = jnp.asarray(token_bytes)[batch["targets"]]
+        return {"nll": compensated_sum(jnp.where(scored, nll, 0.0)),
+                "tokens": jnp.sum(scored, dtype=jnp.int32),
+                "bytes": jnp.sum(jnp.where(scored, target_bytes, 0), dtype=jnp.int32)}
 
     params_sharding = sharding.param_shardings(abstract_params(config), mesh)
     return jax.jit(eval_step, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
