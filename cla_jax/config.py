@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from cla_jax.errors import UserError
 
-ATTENTION_KINDS = ("auto", "xla", "cudnn", "reference")
+ATTENTION_KINDS = ("auto", "xla", "blockwise", "cudnn", "pallas_gpu", "splash", "reference")
 # model.remat -> the jax.checkpoint_policies policy a layer group saves its activations by in
 # the backward pass (None: no remat). Named here once, as strings, so this module needs no jax.
 REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "checkpoint_dots",
@@ -83,6 +83,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention: str = "auto"
     remat: str = "none"
+    # Positions per chunk of the training and eval loss (cla_jax/train/loss.py): the float32
+    # logits exist for [batch, loss_chunk_size, vocab] at a time. 0: whole [batch, T, vocab].
+    loss_chunk_size: int = 128
 
     def __post_init__(self):
         _validate(self)
@@ -180,6 +183,10 @@ def _validate(c: ModelConfig) -> None:
         fail(f"model.attention must be one of {ATTENTION_KINDS}, got {c.attention!r}")
     if c.remat not in REMAT_POLICIES:
         fail(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {c.remat!r}")
+    if isinstance(c.loss_chunk_size, bool) or not isinstance(c.loss_chunk_size, int) \
+            or c.loss_chunk_size < 0:
+        fail(f"model.loss_chunk_size must be an integer >= 0 (positions per loss chunk; 0 = "
+             f"unchunked), got {c.loss_chunk_size!r}")
 
 
 def _validate_rope_scaling(c: ModelConfig) -> None:

@@ -265,6 +265,31 @@ def activate(mesh: Mesh | None):
         _ACTIVE_MESH.reset(token)
 
 
+def per_shard(fn, args: Sequence[jax.Array], logical_axes: Sequence[Sequence[str | None]]):
+    """fn(*args), run on each device's shards under shard_map on the active mesh (plainly
+    without one), the args split by their logical axes. For a kernel XLA cannot partition (a
+    Pallas call): GSPMD would gather its whole inputs onto every device. The output has the
+    shape and the logical axes of the first arg. fn must be right per shard: each shard sees
+    whole dimensions wherever its logical axis is not split."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None:
+        return fn(*args)
+    specs = tuple(_spec(axes, x.shape, mesh)[0] for axes, x in zip(logical_axes, args))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0],
+                         check_vma=False)(*args)
+
+
+def split_over(logical_axis: str, size: int) -> int:
+    """How many ways the active mesh splits a dimension of `size` along `logical_axis` (1
+    without a mesh)."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None:
+        return 1
+    entry = _spec((logical_axis,), (size,), mesh)[0][0]
+    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    return math.prod(mesh.shape[n] for n in names)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = _ACTIVE_MESH.get()
     if mesh is None:

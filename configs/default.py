@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
         head_dim=64, mlp_dim=512, kv_sharing=2, group_sizes="",  # e.g. "1,2x2,1"; "" = groups of kv_sharing
         rope_base=10000.0, norm_eps=1e-5, max_seq_len=512, tie_embeddings=False,
         init_std=0.02, dtype="float32", param_dtype="float32", attention="auto", remat="none",
+        loss_chunk_size=128,  # positions per chunk of the unembedding + cross-entropy; 0 = whole
     ))
     config.train = ml_collections.ConfigDict(dict(
         seed=0, steps=500, batch_size=8, seq_len=128, grad_accum_steps=1,

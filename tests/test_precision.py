@@ -1,6 +1,7 @@
 """Numerics of the train step and the KV cache against independent references: gradient
 accumulation, bf16 compute over fp32 master weights, and a bf16 KV cache."""
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -169,3 +170,58 @@ def test_bfloat16_kv_cache_decodes_like_float32():
     bf16, _ = generate(config, params, prompts, 28, Sampling(temperature=0),
                        cache_dtype="bfloat16")
     assert np.mean(np.asarray(fp32) == np.asarray(bf16)) >= 0.9
+
+
+def test_the_paper_configs_defaults_train_on_cpu():
+    """configs/paper's model defaults (bf16 compute, remat dots_no_batch, attention auto, the
+    chunked loss), shrunk: at 520 tokens a row `auto` runs the blockwise kernel on CPU (a full
+    block and a ragged one). The first step's gradients equal a float32 model's with the
+    reference kernel, no remat and whole logits, within bf16 rounding; then it learns."""
+    from benchmarks.common import model_from_config_file
+    from cla_jax.model import attention
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    paper = model_from_config_file(str(root / "configs/paper/1b_h128_mqa_cla2.py"))
+    assert (paper.dtype, paper.remat, paper.attention) == ("bfloat16", "dots_no_batch", "auto")
+    t = attention.BLOCK + 8
+    config = paper.replace(vocab_size=256, d_model=64, num_layers=2, num_heads=4, head_dim=16,
+                           mlp_dim=128, max_seq_len=t, loss_chunk_size=128)
+    assert attention.choose_kernel("auto", dtype=jnp.bfloat16, seq_len=t, causal_only=False,
+                                   with_cache=False) == "blockwise"
+    params = jax.device_get(make_params(config))
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(3, config.vocab_size, (2, t + 1))
+    segments = np.ones((2, t), np.int32)
+    starts = np.array([[200], [500]])  # a second document from there: across the blocks
+    segments[np.arange(t) >= starts] = 2
+    positions = np.where(segments == 1, np.arange(t), np.arange(t) - starts)
+    batch = dict(inputs=tokens[:, :-1].astype(np.int32), targets=tokens[:, 1:].astype(np.int32),
+                 positions=positions.astype(np.int32), segment_ids=segments,
+                 weights=np.ones((2, t), np.float32))
+
+    new, metrics = sgd_step(config, params, batch)
+    want, want_metrics = sgd_step(config.replace(dtype="float32", remat="none",
+                                                 attention="reference", loss_chunk_size=0),
+                                  params, batch)
+    grads = jax.tree_util.tree_map(np.subtract, params, new)
+    want_grads = jax.tree_util.tree_map(np.subtract, params, want)
+    assert abs(metrics["loss"] - want_metrics["loss"]) <= 0.25 * BF16_U * want_metrics["loss"]
+    assert relative_error(grads, want_grads) <= 8 * BF16_U
+
+    from ml_collections import ConfigDict
+
+    from cla_jax.train.optimizer import make_optimizer
+    from cla_jax.train.state import init_state
+
+    optimizer = make_optimizer(ConfigDict(dict(  # the paper's AdamW settings, a higher peak
+        learning_rate=1e-2, steps=20, warmup_fraction=0.05, final_lr_fraction=0.1, b1=0.9,
+        b2=0.95, weight_decay=0.1, grad_clip=1.0)))
+    state, step = init_state(config, optimizer, seed=0), make_train_step(config, optimizer)
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
+    # A uniform guess at first; then it memorises part of the batch (measured: 5.56 -> 2.86).
+    assert losses[0] > 0.9 * np.log(config.vocab_size) and losses[-1] < losses[0] - 2, str(
+        [round(x, 3) for x in losses])

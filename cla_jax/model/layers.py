@@ -5,6 +5,7 @@ norm) so that `cla_jax.sharding` can place it on a mesh; see DESIGN.md section 6
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -18,6 +19,101 @@ from cla_jax.sharding import constrain
 
 def dtype_of(name: str):
     return jnp.dtype(name)
+
+
+def gathered_axes(logical_axes: Sequence[str | None]) -> tuple[str | None, ...]:
+    """A weight's logical axes with its FSDP split dropped (in `sharding.RULES` only "embed"
+    maps to fsdp) and its tensor split kept: the layout a weight is computed with."""
+    return tuple(None if axis == "embed" else axis for axis in logical_axes)
+
+
+# Collectives in the compute dtype, gradients summed in the master dtype (DESIGN.md section 1:
+# bf16 compute, fp32 master weights, fp32 gradient reduction). A master weight is cast to the
+# compute dtype while still sharded and only then gathered over fsdp, so the all-gather moves
+# bf16. Its gradient is computed by a matmul with a master-dtype (float32) result and pinned
+# to the weight's sharded layout, so the cross-device sum that XLA inserts at that matmul (an
+# all-reduce or reduce-scatter) runs in float32. jax's own transpose of the bf16 matmul would
+# produce the gradient in bf16, and XLA would sum it across devices in bf16.
+
+def cast_then_gather(weight: jax.Array, logical_axes: Sequence[str | None], dtype) -> jax.Array:
+    """`weight` (laid out by `logical_axes`) in `dtype`, gathered over fsdp after the cast, so
+    the all-gather moves `dtype`. Forward only: differentiated by jax, its gradient's sum is
+    whatever the consumer's transpose gives (`weight_matmul` keeps it in float32)."""
+    # Pinning the cast's output to the sharded layout first keeps XLA's sharding propagation
+    # from moving the gather before the cast (it would then gather the float32 weight).
+    weight = constrain(weight.astype(dtype), logical_axes)
+    return constrain(weight, gathered_axes(logical_axes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _with_master_gradient(y_MN, x, kernel, logical_axes, kernel_shape, kernel_dtype):
+    """y itself; in the backward pass, the kernel's gradient x^T g in the kernel's dtype."""
+    return y_MN
+
+
+def _with_master_gradient_fwd(y_MN, x, kernel, logical_axes, kernel_shape, kernel_dtype):
+    return y_MN, x
+
+
+def _with_master_gradient_bwd(logical_axes, kernel_shape, kernel_dtype, x, g_MN):
+    x_MK = x.reshape(g_MN.shape[0], -1)
+    g_KN = jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())),
+                               preferred_element_type=kernel_dtype)
+    # x's gradient comes from the matmul itself (None: nothing to add here).
+    return g_MN, None, constrain(g_KN.reshape(kernel_shape), logical_axes)
+
+
+_with_master_gradient.defvjp(_with_master_gradient_fwd, _with_master_gradient_bwd)
+
+
+def weight_matmul(x: jax.Array, kernel: jax.Array, logical_axes: Sequence[str | None],
+                  dtype, in_dims: int = 1) -> jax.Array:
+    """x [..., K] (its last `in_dims` axes flattened to K) @ `kernel` (a master param of K x N
+    elements laid out by `logical_axes`) in the compute `dtype`, as [M, N] with M the product
+    of x's leading axes: the kernel is cast, then gathered over fsdp; its gradient is computed
+    and summed across devices in the kernel's own dtype. The values are those of
+    `x.reshape(M, K).astype(dtype) @ kernel.reshape(K, N).astype(dtype)`.
+
+    The matmul itself stays a plain one (remat policies such as "dots" see and save it), and
+    gives x its gradient; the kernel's gradient comes from `_with_master_gradient`, which keeps
+    x for the backward pass as it came (cast, not reshaped): projections of one input (q, k, v;
+    gate, up) and the value its producer keeps anyway (the attention output, SwiGLU's product)
+    are then one saved array, not one per consumer (benchmarks/README.md, train memory)."""
+    x = x.astype(dtype)
+    fan_in = math.prod(x.shape[x.ndim - in_dims:])
+    w_KN = cast_then_gather(kernel, logical_axes, dtype).reshape(fan_in, -1)
+    y_MN = x.reshape(-1, fan_in) @ jax.lax.stop_gradient(w_KN)
+    return _with_master_gradient(y_MN, x, kernel, tuple(logical_axes), kernel.shape,
+                                 kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _lookup(table_VD, tokens_BT, logical_axes, dtype, table_shape, table_dtype):
+    return jnp.take(cast_then_gather(table_VD, logical_axes, dtype), tokens_BT, axis=0)
+
+
+def _lookup_fwd(table_VD, tokens_BT, logical_axes, dtype, table_shape, table_dtype):
+    return _lookup(table_VD, tokens_BT, logical_axes, dtype, table_shape, table_dtype), tokens_BT
+
+
+def _lookup_bwd(logical_axes, dtype, table_shape, table_dtype, tokens_BT, g_BTD):
+    # The rows of a repeated token are summed in the master dtype too: a bf16 scatter-add of a
+    # frequent token's hundreds of rows would round at every add.
+    g_VD = jnp.zeros(table_shape, table_dtype).at[tokens_BT].add(g_BTD.astype(table_dtype),
+                                                               mode="drop")
+    return constrain(g_VD, logical_axes), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def embedding_lookup(table_VD: jax.Array, tokens_BT: jax.Array,
+                     logical_axes: Sequence[str | None], dtype) -> jax.Array:
+    """Rows `tokens_BT` of an embedding table (a master param laid out by `logical_axes`) in
+    the compute `dtype`: the table is cast, then gathered over fsdp; its gradient (a
+    scatter-add of the rows' cotangents, then a cross-device sum) is in the table's dtype."""
+    return _lookup(table_VD, tokens_BT, tuple(logical_axes), jnp.dtype(dtype), table_VD.shape,
+                   table_VD.dtype)
 
 
 def normal_init(config: ModelConfig, axes: Sequence[str]):
@@ -35,10 +131,17 @@ class RMSNorm(nn.Module):
         # its gradient on D, against their batch split).
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x_BTD.shape[-1],), dtype_of(cfg.param_dtype))
-        # Statistics in float32 whatever the compute dtype: bf16 variance underflows.
-        x = x_BTD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-        return (x * scale.astype(jnp.float32)).astype(dtype_of(cfg.dtype))
+        return _rms_norm(x_BTD, scale, cfg.norm_eps, dtype_of(cfg.dtype))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _rms_norm(x_BTD, scale_D, eps: float, dtype):
+    """Statistics in float32 whatever the compute dtype (bf16 variance underflows). Under
+    jax.checkpoint, the backward pass keeps only x (which the residual stream keeps anyway)
+    and recomputes the normalised x and its rsqrt."""
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * scale_D.astype(jnp.float32)).astype(dtype)
 
 
 def rope_frequencies(rope: ModelConfig | float, head_dim: int) -> jax.Array:
@@ -106,8 +209,7 @@ class Projection(nn.Module):
                 shape)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                             (*in_shape, *self.features), dtype_of(cfg.param_dtype))
-        dtype = dtype_of(cfg.dtype)
-        y = x.reshape(-1, fan_in).astype(dtype) @ kernel.reshape(fan_in, fan_out).astype(dtype)
+        y = weight_matmul(x, kernel, self.kernel_axes, dtype_of(cfg.dtype), self.in_dims)
         return y.reshape(*x.shape[:x.ndim - self.in_dims], *self.features)
 
 
@@ -118,6 +220,13 @@ def projection(config: ModelConfig, features, axis, kernel_axes: Sequence[str], 
     return Projection(config, features, in_dims, tuple(kernel_axes), name=name)
 
 
+@jax.checkpoint
+def _swiglu(gate, up):
+    """silu(gate) * up, keeping only gate and up for the backward pass (the sigmoid is
+    recomputed there): two [B, T, mlp] arrays saved instead of four or five."""
+    return nn.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     config: ModelConfig
 
@@ -126,5 +235,5 @@ class SwiGLU(nn.Module):
         cfg = self.config
         gate = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "gate")(x_BTD)
         up = projection(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "up")(x_BTD)
-        h_BTF = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h_BTF = constrain(_swiglu(gate, up), ("batch", "length", "mlp"))
         return projection(cfg, cfg.d_model, -1, ("mlp", "embed"), "down")(h_BTF)

@@ -15,8 +15,16 @@ import jax.numpy as jnp
 
 from cla_jax.cache import KVCache, StageCache, constrain_cache, dequantize, quantize
 from cla_jax.config import REMAT_POLICIES, ModelConfig
-from cla_jax.model.attention import attend
-from cla_jax.model.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, normal_init, projection
+from cla_jax.model.attention import FLASH_KERNELS, SegmentMask, attend, choose_kernel
+from cla_jax.model.layers import (
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    dtype_of,
+    embedding_lookup,
+    normal_init,
+    projection,
+)
 from cla_jax.sharding import constrain
 
 
@@ -65,7 +73,8 @@ class DecoderLayer(nn.Module):
     kv_window: int | None = None
 
     @nn.compact
-    def __call__(self, x_BTD, kv, cache_kv, group, mask_BTS, positions_BT):
+    def __call__(self, x_BTD, kv, cache_kv, group, mask, positions_BT):
+        """mask: what `attention_mask` built for the kernel `config.attention`."""
         cfg = self.config
         h_BTD = RMSNorm(cfg, name="attn_norm")(x_BTD)
         if self.produces_kv:
@@ -86,7 +95,7 @@ class DecoderLayer(nn.Module):
                             ("embed", "heads", "head_dim"), "query")(h_BTD)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
-        out_BTNH = attend(q_BTNH, *kv, mask_BTS, kind=cfg.attention, causal_only=self.causal_only)
+        out_BTNH = attend(q_BTNH, *kv, mask, kind=cfg.attention, causal_only=self.causal_only)
         x_BTD = x_BTD + projection(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"),
                                    "out")(out_BTNH)
         x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTD))
@@ -102,16 +111,16 @@ class CLAGroup(nn.Module):
     kv_window: int | None = None
 
     @nn.compact
-    def __call__(self, carry, mask_BTS, positions_BT):
+    def __call__(self, carry, mask, positions_BT):
         """carry: (x [B, T, D], the stage's cache arrays (`StageCache.arrays()`) or None,
-        this group's index)."""
+        this group's index). mask: `attention_mask`'s."""
         x_BTD, cache_kv, group = carry
         kv = None
         for i in range(self.group_size):
             x_BTD, kv, cache_kv = DecoderLayer(
                 self.config, produces_kv=i == 0, separate_kv_norm=self.group_size > 1,
                 causal_only=self.causal_only, kv_window=self.kv_window, name=f"layer_{i}",
-            )(x_BTD, kv, cache_kv, group, mask_BTS, positions_BT)
+            )(x_BTD, kv, cache_kv, group, mask, positions_BT)
         return (x_BTD, cache_kv, group + 1), None
 
 
@@ -130,14 +139,19 @@ def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_
 
 
 def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None,
-                   kv_window: int | None = None):
-    """Boolean [B, T, S] mask: causal, within one packed document, or over cache slots."""
+                   kv_window: int | None = None, kernel: str = "xla"):
+    """Boolean [B, T, S] mask: causal, within one packed document, or over cache slots. For
+    the flash kernels (no cache) the same causal packed mask as a `SegmentMask`: each
+    token's index in its row and its segment id, so no [B, T, T] array is built."""
     b, t = tokens_BT.shape
     if cache is not None:
         # Slot j holds position j; slots past a query's position are empty or stale padding.
         slots = kv_window or cache.max_length
         return jnp.arange(slots)[None, None, :] <= positions_BT[:, :, None]
     index = jnp.arange(t)
+    if kernel in FLASH_KERNELS:
+        segments_BT = jnp.ones_like(tokens_BT) if segment_ids_BT is None else segment_ids_BT
+        return SegmentMask(jnp.broadcast_to(index, (b, t)), segments_BT)
     mask_BTS = jnp.broadcast_to(index[:, None] >= index[None, :], (b, t, t))
     if segment_ids_BT is not None:
         mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
@@ -149,7 +163,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT=None, cache: KVCache | None = None,
-                 kv_window: int | None = None, logits_at_B=None):
+                 kv_window: int | None = None, logits_at_B=None, return_hidden: bool = False):
         """Logits [B, T, vocab] in float32 and the updated cache (None without one).
 
         segment_ids_BT: packed documents (attention stays inside a segment) in training; with
@@ -160,6 +174,8 @@ class Transformer(nn.Module):
         logits_at_B: the one index along T whose logits each row needs (a prefill needs only
         its last token's): the logits are then [B, 1, vocab], and the unembedding, a large
         part of a prefill, runs on one token per row.
+        return_hidden: return the final-normed hidden states [B, T, D] (compute dtype) in
+        place of the logits, for a loss that unembeds them itself (`train.loss`).
         """
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
@@ -168,39 +184,46 @@ class Transformer(nn.Module):
         # Gather the FSDP shards of the table before the lookup, as for any weight: a lookup
         # into an embed-sharded table would leave [B, T, D] split on D, and moving it to the
         # batch split costs a full replication (XLA's "involuntary full rematerialization").
-        table_VD = constrain(embed.embedding, ("vocab", None))
-        x_BTD = constrain(jnp.take(table_VD.astype(dtype_of(cfg.dtype)), tokens_BT, axis=0),
+        x_BTD = constrain(embedding_lookup(embed.embedding, tokens_BT, ("vocab", "embed"),
+                                           dtype_of(cfg.dtype)),
                           ("batch", "length", "embed"))
         if kv_window is not None and cache is not None and not 0 < kv_window <= cache.max_length:
             raise ValueError(f"kv_window {kv_window} must be in (0, {cache.max_length}]")
         kv_window = None if cache is None or kv_window == cache.max_length else kv_window
-        mask_BTS = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache, kv_window)
         causal_only = cache is None and segment_ids_BT is None
+        # One kernel for every layer; the layers see it as their config's `attention`.
+        kernel = choose_kernel(cfg.attention, dtype=dtype_of(cfg.dtype),
+                               seq_len=tokens_BT.shape[1], causal_only=causal_only,
+                               with_cache=cache is not None, num_heads=cfg.num_heads,
+                               num_kv_heads=cfg.num_kv_heads)
+        mask = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache, kv_window, kernel)
 
         new_stages = []
         for s, (group_size, num_groups) in enumerate(cfg.stages):
             stage_kv = None if cache is None else cache.stages[s].arrays()
             (x_BTD, stage_kv, _), _ = scanned_stage(
-                cfg, group_size, num_groups, causal_only, kv_window, name=f"stage_{s}")(
-                    (x_BTD, stage_kv, jnp.int32(0)), mask_BTS, positions_BT)
+                cfg.replace(attention=kernel), group_size, num_groups, causal_only, kv_window,
+                name=f"stage_{s}")((x_BTD, stage_kv, jnp.int32(0)), mask, positions_BT)
             if cache is not None:
                 new_stages.append(StageCache(*stage_kv))
 
         if logits_at_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
         x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
-        if cfg.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
+        if return_hidden:
+            out = constrain(x_BTD, ("batch", "length", "embed"))
         else:
-            logits_BTV = projection(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "unembed")(x_BTD)
-        logits_BTV = constrain(logits_BTV.astype(jnp.float32),
-                                                ("batch", "length", "vocab"))
+            if cfg.tie_embeddings:
+                logits_BTV = embed.attend(x_BTD)
+            else:
+                logits_BTV = projection(cfg, cfg.vocab_size, -1, ("embed", "vocab"),
+                                        "unembed")(x_BTD)
+            out = constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
-            return logits_BTV, None
+            return out, None
         valid_BT = jnp.ones_like(tokens_BT, bool) if segment_ids_BT is None else segment_ids_BT > 0
         written_B = jnp.max(jnp.where(valid_BT, positions_BT + 1, 0), axis=1)
-        return logits_BTV, KVCache(stages=tuple(new_stages),
-                                   lengths=jnp.maximum(cache.lengths, written_B))
+        return out, KVCache(stages=tuple(new_stages), lengths=jnp.maximum(cache.lengths, written_B))
 
 
 def init_params(config: ModelConfig, rng: jax.Array):

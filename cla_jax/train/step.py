@@ -15,16 +15,36 @@ from jax.sharding import Mesh
 from cla_jax import sharding
 from cla_jax.config import ModelConfig
 from cla_jax.model import Transformer, abstract_params
+from cla_jax.train.loss import chunked_nll, chunked_nll_sum, unembedding
 from cla_jax.train.state import TrainState, state_shardings
 
 
+def _forward(config: ModelConfig, params, batch, return_hidden: bool) -> jax.Array:
+    return Transformer(config).apply({"params": params}, batch["inputs"], batch["positions"],
+                                     batch["segment_ids"], return_hidden=return_hidden)[0]
+
+
 def token_nll(config: ModelConfig, params, batch) -> jax.Array:
-    """Negative log-likelihood of every target token, float32 [B, L]."""
-    logits, _ = Transformer(config).apply({"params": params}, batch["inputs"],
-                                          batch["positions"], batch["segment_ids"])
+    """Negative log-likelihood of every target token, float32 [B, L]: over chunks of
+    `config.loss_chunk_size` positions (`train.loss`), or from whole logits when it is 0."""
+    if config.loss_chunk_size:
+        hidden_BLD = _forward(config, params, batch, return_hidden=True)
+        return chunked_nll(hidden_BLD, unembedding(config, params), batch["targets"],
+                           config.loss_chunk_size)
+    logits = _forward(config, params, batch, return_hidden=False)
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     return logz - target_logit
+
+
+def weighted_nll_sum(config: ModelConfig, params, batch) -> jax.Array:
+    """sum(weights * token_nll), float32: the training loss before its division by the
+    weight. Chunked, its gradient comes without recomputing the logits (`chunked_nll_sum`)."""
+    if config.loss_chunk_size:
+        hidden_BLD = _forward(config, params, batch, return_hidden=True)
+        return chunked_nll_sum(hidden_BLD, unembedding(config, params), batch["targets"],
+                               batch["weights"], config.loss_chunk_size)
+    return jnp.sum(token_nll(config, params, batch) * batch["weights"])
 
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
@@ -35,8 +55,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     mesh = mesh or sharding.single_device_mesh()
 
     def loss_fn(params, batch):
-        nll = token_nll(config, params, batch)
-        return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
+        return weighted_nll_sum(config, params, batch), jnp.sum(batch["weights"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
