@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 CACHE ?= $(HOME)/.cache/cla-jax
 
-.PHONY: demo test clean
+.PHONY: demo test clean device-check
 
 $(VENV)/installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(VENV)/installed
 
 test: $(VENV)/installed
 	$(PY) -m pytest
+
+# The accelerator check (benchmarks/device_check.py) on whatever platform jax sees, with the
+# Python on the path and no venv (the GPU machine brings its own jax); it writes
+# benchmarks/results/device_check_<date>_<device>.json. DEVICE_CHECK_ARGS=--out=... etc.
+device-check:
+	$(PYTHON) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)
