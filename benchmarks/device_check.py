@@ -397,9 +397,11 @@ def check_train_step(s, deadline: float) -> dict:
                 jax.block_until_ready(metrics)
                 times.append(time.perf_counter() - start)
         except Exception as error:
-            if not is_out_of_memory(error) and kernel not in attention.PALLAS_BACKENDS:
+            state = None  # an asynchronous failure may have left `state` as broken outputs
+            # A kernel short of shared memory is the kernel failing, not the step not fitting.
+            failed = not is_out_of_memory(error) or "shared memory" in str(error).lower()
+            if failed and kernel not in attention.PALLAS_BACKENDS:
                 raise
-            failed = not is_out_of_memory(error)
             failed_kernels.update([kernel] if failed else [])
             attempts.append(dict(remat=remat, attention=kernel,
                                  status="error" if failed else "out of memory",
@@ -422,7 +424,9 @@ def check_train_step(s, deadline: float) -> dict:
             mfu_reason=None if peak else f"no peak FLOP/s known for {kind!r}",
             temp_bytes=temp, loss=loss, attention=kernel,
             model=config.to_dict())
-    return dict(status="fail", reason="no remat policy fitted", attempts=attempts)
+    timed_out = any(a["status"] == "skipped" for a in attempts)
+    return dict(status="fail", reason="the time budget ran out" if timed_out else
+                "no remat policy fitted", attempts=attempts)
 
 
 # ---------------------------------------------------------------- (d, e) decoding at a budget

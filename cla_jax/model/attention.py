@@ -275,11 +275,12 @@ def _blockwise_backward(block_q, block_kv, residuals, d_out_BTNH):
     dq = _join_blocks(dq.reshape(dq.shape[:2] + (g, -1, h)), 2, t)
     dq = _unfold_queries(dq, b, kv_heads).astype(q_BTNH.dtype)
 
-    def unfold_keys(x):  # [nk, B*K, bk, H] -> [B, S, K, H]
+    def unfold_keys(x, dtype):  # [nk, B*K, bk, H] -> [B, S, K, H]
         x = _join_blocks(x, 1, s_len).reshape(b, kv_heads, s_len, h)
-        return x.transpose(0, 2, 1, 3).astype(k_BSKH.dtype)
+        return x.transpose(0, 2, 1, 3).astype(dtype)
 
-    return dq, unfold_keys(dk), unfold_keys(dv), None, None  # no gradient for the masks
+    # No gradient for the masks.
+    return dq, unfold_keys(dk, k_BSKH.dtype), unfold_keys(dv, v_BSKH.dtype), None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
