@@ -48,6 +48,10 @@ BATCH_AXES = RULES["batch"]
 
 _LOGGED_NOTES: set[str] = set()
 _ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
+# The platform of the devices the function being traced is compiled for: a program compiled
+# ahead of time for TPU or GPU devices on a CPU host must choose their kernels, not the host's.
+_ACTIVE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "platform", default=None)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -257,12 +261,23 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
 
 @contextlib.contextmanager
 def activate(mesh: Mesh | None):
-    """Makes `constrain` pin layouts on `mesh` while a function is traced."""
+    """Makes `constrain` pin layouts on `mesh` while a function is traced, and `platform()`
+    answer with the platform of its devices."""
     token = _ACTIVE_MESH.set(mesh if mesh is not None and mesh.size > 1 else None)
+    platform_token = _ACTIVE_PLATFORM.set(None if mesh is None else mesh.devices.flat[0].platform)
     try:
         yield
     finally:
         _ACTIVE_MESH.reset(token)
+        _ACTIVE_PLATFORM.reset(platform_token)
+
+
+def platform() -> str:
+    """"cpu", "gpu" or "tpu": the platform of the active mesh's devices (which may be
+    compile-only devices of another platform than this host's), else jax's default backend.
+    What a kernel choice must follow, never `jax.default_backend()` alone."""
+    active = _ACTIVE_PLATFORM.get()
+    return active if active is not None else jax.default_backend()
 
 
 def per_shard(fn, args: Sequence[jax.Array], logical_axes: Sequence[Sequence[str | None]]):

@@ -175,7 +175,9 @@ def test_auto_picks_blockwise_for_long_cpu_training_and_logs_each_choice_once(ca
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_auto_on_accelerators_picks_a_flash_kernel_for_packed_training(backend, monkeypatch):
-    monkeypatch.setattr(attention.jax, "default_backend", lambda: backend)
+    # The platform the program is compiled for (tests/test_aot.py checks that it is the
+    # mesh's devices' platform, compile-only TPU and GPU devices included).
+    monkeypatch.setattr(attention.sharding, "platform", lambda: backend)
     pallas = {"gpu": "pallas_gpu", "tpu": "splash"}[backend]
     choose = functools.partial(attention.choose_kernel, "auto", seq_len=2048, num_heads=16)
     # Packed documents (training), any length, MQA or GQA: the backend's Pallas kernel.

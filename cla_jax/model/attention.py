@@ -338,7 +338,7 @@ def pallas_attention(kind: str, q_BTNH, k_BSKH, v_BSKH, mask: SegmentMask):
     from cla_jax.model import pallas_attention as kernels  # Pallas loads only where used
 
     fn = kernels.gpu_flash_attention if kind == "pallas_gpu" else kernels.tpu_splash_attention
-    interpret = jax.default_backend() != PALLAS_BACKENDS[kind]
+    interpret = sharding.platform() != PALLAS_BACKENDS[kind]
     return sharding.per_shard(functools.partial(fn, interpret=interpret),
                               (q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BT),
                               (Q_AXES, KV_AXES, KV_AXES, ("batch", "length")))
@@ -367,10 +367,10 @@ def choose_kernel(requested: str, *, dtype, seq_len: int, causal_only: bool,
         if requested in PALLAS_BACKENDS and not pallas_fits_mesh(num_heads, num_kv_heads):
             _log_choice("blockwise", f"{requested} needs the KV heads split as the query heads")
             return "blockwise"
-        if requested in PALLAS_BACKENDS and jax.default_backend() != PALLAS_BACKENDS[requested]:
-            _log_choice(requested, f"in Pallas's interpreter on {jax.default_backend()} (slow)")
+        if requested in PALLAS_BACKENDS and sharding.platform() != PALLAS_BACKENDS[requested]:
+            _log_choice(requested, f"in Pallas's interpreter on {sharding.platform()} (slow)")
         return requested
-    backend = jax.default_backend()
+    backend = sharding.platform()
     half = dtype in (jnp.bfloat16, jnp.float16)
     if with_cache:
         kernel, reason = "xla", "a KV cache: a dense mask over its slots"
