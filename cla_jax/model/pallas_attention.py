@@ -29,10 +29,15 @@ _PAD_SEGMENT = -1  # padded tokens' segment id: equal to no real one (those are 
 # The Pallas ops are imported on first use: CPU runs never need them, and a jax release that
 # moves them breaks these two kernels, not every import of the model.
 
-# GPU (Triton) defaults: the kernel's own `BlockSizes.get_default()`.
+# GPU (Triton) defaults: the kernel's own `BlockSizes.get_default()`, shrunk where the blocks
+# would not fit a GPU's shared memory.
 GPU_BLOCK = 128           # forward query and key blocks
 GPU_BLOCK_BACKWARD = 32   # every backward block
 GPU_MIN_BLOCK = 16        # tl.dot's smallest operand side
+# The forward kernel holds about four [block, head_dim] tiles in shared memory (seen on an
+# H200: float32, blocks 128, head_dim 128 asked for 262656 bytes of the 232448 there, and
+# failed). 160 KiB fits the A100's 164 KiB per block as well as Hopper's 227 KiB.
+GPU_SHARED_MEMORY_BUDGET = 160 * 1024
 # TPU (splash) defaults: the largest of these dividing the padded length.
 TPU_BLOCKS = (512, 256, 128)
 TPU_LANES = 128           # splash's query and key blocks are multiples of the lane count
@@ -68,6 +73,16 @@ def _check_shapes(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
 
 
 # ---------------------------------------------------------------- GPU: Triton flash attention
+def _gpu_default_block(head_dim: int, itemsize: int) -> int:
+    """The largest power-of-two block <= GPU_BLOCK whose four [block, head_dim] tiles (head_dim
+    padded to a power of two, as the kernel does) fit `GPU_SHARED_MEMORY_BUDGET`."""
+    padded = 1 << (head_dim - 1).bit_length()
+    block = GPU_BLOCK
+    while block > GPU_MIN_BLOCK and 4 * block * padded * itemsize > GPU_SHARED_MEMORY_BUDGET:
+        block //= 2
+    return block
+
+
 def _gpu_block(block: int | None, default: int, t: int, name: str) -> int:
     if block is None:  # the default, or the shortest power of two covering T
         return min(default, max(GPU_MIN_BLOCK, 1 << (t - 1).bit_length()))
@@ -83,7 +98,9 @@ def gpu_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, interpret: bo
 
     The kernel indexes K/V by query head, so GQA/MQA K/V heads are repeated to N (each
     [B, T, N, H], as big as q, kept for the backward; autodiff sums dK, dV over the copies).
-    block_q, block_k: the forward's query and key blocks (default 128); block_backward: every
+    block_q, block_k: the forward's query and key blocks (default 128, or less where four
+    [block, head_dim] tiles would not fit 160 KiB of shared memory: 64 for float32 at
+    head_dim 128); block_backward: every
     backward block (default 32; the fused backward pairs each key block with the query block
     of the same index, so one size). Blocks are powers of two >= 16; defaults are clipped to
     the shortest power of two covering T, and T is padded to a multiple of the largest block.
@@ -98,8 +115,9 @@ def gpu_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, interpret: bo
     if groups > 1:
         k_BSKH = jnp.repeat(k_BSKH, groups, axis=2)  # KV head k serves query heads kG..kG+G-1
         v_BSKH = jnp.repeat(v_BSKH, groups, axis=2)
-    bq = _gpu_block(block_q, GPU_BLOCK, t, "block_q")
-    bk = _gpu_block(block_k, GPU_BLOCK, t, "block_k")
+    default = _gpu_default_block(h, jnp.dtype(q_BTNH.dtype).itemsize)
+    bq = _gpu_block(block_q, default, t, "block_q")
+    bk = _gpu_block(block_k, default, t, "block_k")
     bb = _gpu_block(block_backward, GPU_BLOCK_BACKWARD, t, "block_backward")
     q, k, v, seg = _pad_sequence(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT,
                                  _round_up(t, max(bq, bk, bb)))
