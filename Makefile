@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 CACHE ?= $(HOME)/.cache/cla-jax
 
-.PHONY: demo test clean device-check
+STACK := $(VENV)/compile-stack
+
+.PHONY: demo test clean device-check compile-stack
 
 $(VENV)/installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +22,16 @@ demo: $(VENV)/installed
 	$(PY) eval.py --workdir=$(WORKDIR) --cache_dir=$(CACHE)
 	$(PY) generate.py --workdir=$(WORKDIR) --cache_dir=$(CACHE) --prompt="ROMEO:" --max_new_tokens=120
 
-test: $(VENV)/installed
+# The TPU and GPU compilers (libtpu; the CUDA plugin and cuDNN), pinned to the venv's jax, in
+# a folder of their own: only cla-compile and the tests put it on sys.path, so no other command
+# sees a CUDA plugin without a GPU (cla_jax/aot/stack.py).
+$(STACK)/installed: $(VENV)/installed
+	$(PY) -m cla_jax.aot.stack install $(STACK)
+	touch $@
+
+compile-stack: $(STACK)/installed
+
+test: $(VENV)/installed $(STACK)/installed
 	$(PY) -m pytest
 
 # The accelerator check (benchmarks/device_check.py) on whatever platform jax sees, with the

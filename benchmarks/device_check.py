@@ -408,6 +408,7 @@ def check_train_step(s, deadline: float) -> dict:
                                  error=f"{type(error).__name__}: {error}"[:1000]))
             continue
         step_s = statistics.median(times)
+        memory_check = compare_memory(compiled, config, optimizer, state, batch)
         flops_per_token = train_flops_per_token(config, sz["seq_len"])
         peak = peak_flops(1)
         tokens_per_s = tokens_per_step / step_s
@@ -422,11 +423,61 @@ def check_train_step(s, deadline: float) -> dict:
             flops_per_token=flops_per_token, achieved_flops_per_s=flops_per_token * tokens_per_s,
             peak_flops_per_s=peak, mfu=flops_per_token * tokens_per_s / peak if peak else None,
             mfu_reason=None if peak else f"no peak FLOP/s known for {kind!r}",
-            temp_bytes=temp, loss=loss, attention=kernel,
+            temp_bytes=temp, loss=loss, attention=kernel, memory=memory_check,
             model=config.to_dict())
     timed_out = any(a["status"] == "skipped" for a in attempts)
     return dict(status="fail", reason="the time budget ran out" if timed_out else
                 "no remat policy fitted", attempts=attempts)
+
+
+def memory_figures(compiled) -> dict:
+    """A compiled program's per-device bytes as XLA states them, and their sum: arguments +
+    outputs - aliased (donated) + temporaries = what the program needs while it runs."""
+    m = compiled.memory_analysis()
+    figures = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+               ("argument", "output", "alias", "temp")}
+    return dict(figures, total=figures["argument"] + figures["output"] - figures["alias"] +
+                figures["temp"])
+
+
+def compare_memory(compiled, config, optimizer, state, batch) -> dict:
+    """The train step's memory three ways: compiled here, compiled for this GPU's target
+    description on compile-only devices (as `cla-compile` does on a CPU host), and the
+    device's measured peak (a process-wide high-water mark; the earlier sections use far
+    less)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    record = dict(compiled_here=memory_figures(compiled),
+                  measured_peak_bytes=stats.get("peak_bytes_in_use"),
+                  bytes_in_use=stats.get("bytes_in_use"))
+    if record["measured_peak_bytes"]:
+        record["peak_over_compiled_total"] = (record["measured_peak_bytes"] /
+                                              record["compiled_here"]["total"])
+    try:
+        from jax.experimental import topologies
+
+        from cla_jax.aot.targets import CHIPS, gpu_target_config
+        kind = jax.devices()[0].device_kind
+        chip = next((c for c in CHIPS.values() if c.device_kind and kind.startswith(
+            c.device_kind)), None)
+        if chip is None:
+            record["compile_only"] = dict(status="skipped", reason=f"no target for {kind!r}")
+            return record
+        topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                                target_config=gpu_target_config(chip))
+        mesh = sharding.single_device_mesh(topology.devices[0])
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), (state, batch),
+            (state_shardings(config, optimizer, mesh), jax.tree_util.tree_map(
+                lambda _: sharding.batch_sharding(mesh), batch)))
+        start = time.perf_counter()
+        compiled_only = make_train_step(config, optimizer, mesh=mesh).lower(*abstract).compile()
+        record["compile_only"] = dict(status="ok", target=chip.name,
+                                      compile_s=time.perf_counter() - start,
+                                      **memory_figures(compiled_only))
+    except Exception as error:  # a finding, recorded
+        record["compile_only"] = dict(status="error",
+                                      error=f"{type(error).__name__}: {error}"[:1000])
+    return record
 
 
 # ---------------------------------------------------------------- (d, e) decoding at a budget

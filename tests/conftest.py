@@ -17,6 +17,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The TPU and GPU compilers (libtpu, the CUDA plugin) for tests/test_aot.py: a folder of
+# their own that `make test` installs, put on sys.path before jax starts.
+from cla_jax.aot import stack  # noqa: E402 (imports no jax)
+
+stack.prepare_process()
+
 # Tests that train several runs of one config compile the same steps again and again: a
 # persistent compilation cache for this session turns the repeats into cache hits.
 import tempfile  # noqa: E402

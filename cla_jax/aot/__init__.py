@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation for accelerators this host does not have."""
