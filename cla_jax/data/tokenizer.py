@@ -227,8 +227,11 @@ class SentencePieceTokenizer(Tokenizer):
         return [[i + self._offset for i in ids] for ids in batch] if self._offset else batch
 
     def decode(self, ids: Iterable[int]) -> str:
+        # A model may have more rows than the tokenizer has pieces (the vocabulary check
+        # allows it) and sample one of them: it stands for no text, as a special id does.
+        size = self.vocab_size
         return self._processor.decode(
-            [i - self._offset for i in ids if i >= NUM_SPECIAL_IDS]
+            [i - self._offset for i in ids if NUM_SPECIAL_IDS <= i < size]
         )
 
     def token_bytes(self) -> np.ndarray:
