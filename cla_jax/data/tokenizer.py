@@ -77,6 +77,14 @@ class Tokenizer(abc.ABC):
         separator after a document) and eos."""
         return (self.bos_id, self.eos_id)
 
+    def token_text(self, i: int) -> str | None:
+        """The text of a (special) token as a chat template writes it; None if it has none."""
+        return None
+
+    def token_id(self, text: str | None) -> int | None:
+        """The id of a (special) token's text; None if no single token is that text."""
+        return None
+
 
 class ByteTokenizer(Tokenizer):
     """One id per UTF-8 byte (id = byte + 3); no training, exact round trip."""
@@ -322,6 +330,13 @@ class HFTokenizer(Tokenizer):
             [i - self.offset for i in ids if 0 <= i < size and i not in special],
             skip_special_tokens=True)
 
+    def token_text(self, i: int) -> str | None:
+        return self._tokenizer.id_to_token(i - self.offset) if i >= self.offset else None
+
+    def token_id(self, text: str | None) -> int | None:
+        i = self._tokenizer.token_to_id(text) if text else None
+        return None if i is None else i + self.offset
+
     def _decoder_types(self) -> set[str]:
         decoder = self._spec.get("decoder") or {}
         return {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
@@ -398,6 +413,11 @@ class HFModelTokenizer(HFTokenizer):
 
     def __reduce__(self):
         return type(self), (self._model_dir,)
+
+    @property
+    def model_dir(self) -> epath.Path:
+        """The directory it was read from (its chat template lives there too)."""
+        return epath.Path(self._model_dir)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

@@ -247,13 +247,16 @@ class Batcher:
         return sum(s is not None for s in self.slots)
 
     def waiting(self) -> int:
-        """Requests queued for a slot."""
-        return len(self._waiting)
+        """Requests queued for a slot (a cancelled one no longer counts)."""
+        return len(self._queued())
 
     def queued_tokens(self) -> int:
         """Prompt + max_tokens of every queued request: the work waiting for a slot."""
+        return sum(r.request.tokens_to_run for r in self._queued())
+
+    def _queued(self) -> list[_Running]:
         with self._lock:
-            return sum(r.request.tokens_to_run for r in self._waiting)
+            return [r for r in self._waiting if r.handle.request_id not in self._cancelled]
 
     def cache_positions_used(self) -> int:
         """KV-cache positions the running requests fill (of num_slots x max_length)."""
@@ -448,22 +451,24 @@ class Batcher:
                       running.logprobs[running.sent_tokens:] if r.logprobs else [],
                       text[running.sent_text:ready], finish)
         running.sent_tokens, running.sent_text = len(running.tokens), ready
-        if event.tokens or event.text or finish:
-            self._send(running, event)
         if finish is not None:
-            self._finish(running, finish, text, send=False)
+            self._finish(running, finish, text, event)
+        elif event.tokens or event.text:
+            self._send(running, event)
         return finish is not None
 
-    def _finish(self, running: _Running, reason: str, text: str, send: bool = True) -> None:
+    def _finish(self, running: _Running, reason: str, text: str,
+                last: Event | None = None) -> None:
+        """Completes the handle, then sends the last event (default: the rest of the text):
+        whoever gets that event finds `result()` ready."""
         r = running.request
-        if send:
-            self._send(running, Event(running.handle.request_id, [], [],
-                                      text[running.sent_text:], reason))
         running.handle._completion = Completion(
             running.handle.request_id, len(r.prompt), running.tokens,
             running.logprobs if r.logprobs else [], text, reason, running.submitted_at,
             running.token_times)
         running.handle._done.set()
+        self._send(running, last or Event(running.handle.request_id, [], [],
+                                          text[running.sent_text:], reason))
 
     def _text(self, running: _Running, stopped_by_id: bool) -> tuple[str, bool]:
         """The request's text so far (a stop id excluded), cut at the first stop string;
