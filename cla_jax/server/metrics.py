@@ -4,6 +4,7 @@
     cla_queued_tokens                                prompt + max_tokens of the queued ones
     cla_slots, cla_slot_usage_ratio                  the pool, and the share in use
     cla_kv_cache_usage_ratio                         KV positions filled / allocated
+    cla_requests_total                               engine requests submitted
     cla_prompt_tokens_total, cla_generation_tokens_total
     cla_generation_tokens_per_second                 over the last WINDOW_S seconds
     cla_requests_finished_total{finish_reason}       stop, length, cancelled, error
@@ -50,6 +51,8 @@ class ServingMetrics:
         gauge("cla_generation_tokens_per_second",
               f"Tokens generated per second over the last {WINDOW_S:g} s.",
               self.tokens_per_second)
+        self._submitted = prom.Counter("cla_requests", "Engine requests submitted (one per "
+                                       "prompt or choice).", registry=r)
         self._prompt_tokens = prom.Counter("cla_prompt_tokens", "Prompt tokens submitted.",
                                            registry=r)
         self._generated = prom.Counter("cla_generation_tokens", "Tokens generated.",
@@ -66,8 +69,9 @@ class ServingMetrics:
                                         "From submit to the last token.", registry=r,
                                         buckets=DURATION_BUCKETS)
 
-    def on_submit(self, requests: list[Request]) -> None:
-        self._prompt_tokens.inc(sum(len(r.prompt) for r in requests))
+    def on_submit(self, request: Request) -> None:
+        self._submitted.inc()
+        self._prompt_tokens.inc(len(request.prompt))
 
     def on_event(self, event: Event, handle: Handle) -> None:
         if event.tokens:

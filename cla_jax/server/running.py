@@ -27,10 +27,10 @@ class Submission:
         try:
             for index, request in enumerate(requests):
                 self.handles.append(batcher.submit(request, on_event=self._feeder(index)))
+                metrics.on_submit(request)
         except BaseException:
             self.cancel()
             raise
-        metrics.on_submit(requests)
 
     def _feeder(self, index: int):
         def on_event(event: Event) -> None:  # on the batcher's thread
