@@ -253,8 +253,9 @@ def test_a_request_whose_text_cannot_be_decoded_fails_alone(small_engine):
 
 
 class FailingEngine:
-    """small_engine, but `program` (prefill or insert) raises for prompts longer than 16
-    (as compiling a new prompt bucket out of memory would), before touching the pool."""
+    """small_engine, but `program` (prefill or insert) raises for prompts longer than 16, as
+    compiling a new prompt bucket out of memory would: before touching the pool (the pool
+    keeps serving), or after its donated state is gone (the loop fails)."""
 
     def __init__(self, engine, program):
         self._engine, self._program = engine, program
@@ -268,14 +269,16 @@ class FailingEngine:
         return self._engine.prefill(prompt, *args)
 
     def insert(self, state, prefix, slot):
-        if self._program == "insert" and prefix.cache.lengths.shape and \
-                int(prefix.cache.lengths[0]) > 16:
+        if self._program.startswith("insert") and int(prefix.cache.lengths[0]) > 16:
+            if self._program == "insert_consuming_the_pool":  # as a failed donated call can
+                jax.tree_util.tree_map(lambda leaf: leaf.delete(), state)
             raise MemoryError("RESOURCE_EXHAUSTED compiling the insert of bucket 32")
         return self._engine.insert(state, prefix, slot)
 
 
-@pytest.mark.parametrize("program", ["prefill", "insert"])
-def test_a_request_that_fails_to_start_gets_the_error_and_the_pool_keeps_serving(
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("program", ["prefill", "insert", "insert_consuming_the_pool"])
+def test_a_request_that_fails_to_start_gets_its_error_instead_of_a_hang(
         small_engine, program):
     batcher = Batcher(FailingEngine(small_engine, program))
     batcher.start()
@@ -283,6 +286,11 @@ def test_a_request_that_fails_to_start_gets_the_error_and_the_pool_keeps_serving
         long = batcher.submit(Request(prompt=[5] * 20, max_tokens=4, temperature=0))
         with pytest.raises(MemoryError, match="RESOURCE_EXHAUSTED"):
             long.result(timeout=120)  # it used to wait forever: in neither queue nor slot
+        if program == "insert_consuming_the_pool":  # no cache left to serve from
+            batcher._thread.join(120)
+            with pytest.raises(RuntimeError, match="serving loop stopped"):
+                batcher.submit(Request(prompt=[5] * 3, max_tokens=4))
+            return
         short = batcher.submit(Request(prompt=[5] * 3, max_tokens=4, temperature=0))
         assert len(short.result(timeout=120).tokens) == 4
         assert batcher.slots_in_use() == 0 and not batcher.busy

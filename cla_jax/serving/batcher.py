@@ -377,12 +377,13 @@ class Batcher:
                 self._prefill_into(slot, running)
             except Exception as error:  # noqa: BLE001 (that request's failure, not the pool's)
                 if self._state_lost():
-                    raise  # the pool's cache went with it: the loop fails, everyone hears
+                    # The pool's cache went with it: the loop fails, and its handler fails
+                    # everyone, this request (still `_admitting`) included.
+                    raise
                 logging.exception("request %d failed to start", running.handle.request_id)
                 self.slots[slot] = None
                 self._fail(running, error)
-            finally:
-                self._admitting = None
+            self._admitting = None
 
     def _prefill_into(self, slot: int, running: _Running) -> None:
         r = running.request
