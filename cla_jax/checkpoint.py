@@ -62,6 +62,11 @@ class DamagedCheckpointError(CheckpointError):
                          + (f"; {advice}" if advice else ""))
 
 
+class StructureMismatchError(CheckpointError):
+    """A step whose arrays are whole but not the ones this code restores (e.g. an optimizer
+    state saved by another optax): never set aside as damaged."""
+
+
 # --- Which steps there are -------------------------------------------------------------------
 
 def _is_committed(step_dir: epath.Path) -> bool:
@@ -189,6 +194,10 @@ def _is_transient(error: BaseException) -> bool:
                or str(e).startswith(TRANSIENT_STATUS) for e in _error_chain(error))
 
 
+def _is_structure_mismatch(error: BaseException) -> bool:
+    return any("tree structures do not match" in str(e) for e in _error_chain(error))
+
+
 def _orbax_names(tree) -> dict[str, str]:
     """{orbax's key of a leaf ('a.b.c'): its keystr path}, to name the array a read failed on."""
     def name(key):
@@ -238,9 +247,9 @@ def _drop_closed_loop_callbacks() -> None:
 
 
 def _agree(local_status: int) -> int:
-    """The worst status over all processes (0 ok, 1 damaged, 2 transient): a file that only
-    some processes failed to read must stop all of them the same way, not leave the others
-    waiting in a collective."""
+    """The worst status over all processes (0 ok, 1 damaged, 2 transient, 3 another
+    structure): a file that only some processes failed to read must stop all of them the same
+    way, not leave the others waiting in a collective."""
     if jax.process_count() == 1:
         return local_status
     return int(np.max(multihost_utils.process_allgather(np.int32(local_status))))
@@ -260,8 +269,15 @@ def _read_arrays(step: int, item_dir: epath.Path, target):
         error = caught
     finally:
         handler.close()
-    local = 0 if error is None else 2 if _is_transient(error) else 1
+    local = (0 if error is None else 2 if _is_transient(error)
+             else 3 if _is_structure_mismatch(error) else 1)
     status = _agree(local)
+    if status == 3:  # a checkpoint without checksums (older): orbax found the mismatch
+        raise StructureMismatchError(
+            f"checkpoint step {step}: {item_dir} holds arrays of another structure than this "
+            f"code builds ({_first_line(error) if error else 'on another process'}); resume "
+            "with the code and settings that saved it, or train in a new --workdir. Nothing "
+            "was changed") from error
     if status == 2:
         raise OSError(f"reading {item_dir} failed on some process ({error or 'elsewhere'}); "
                       "this looks transient: try again") from error
@@ -285,10 +301,35 @@ def _verify(step: int, item_dir: epath.Path, arrays, saved: dict | None) -> None
             f"{saved.get(wrong[0])}, read {actual[wrong[0]]}){more}")
 
 
+def _check_structure(step: int, item_dir: epath.Path, target, saved: dict | None) -> None:
+    """Refuses, before reading, a target whose arrays are not the saved ones (another optax,
+    another optimizer setting, another code version): the user's situation to resolve, not
+    damage, so one clear error and nothing set aside."""
+    if saved is None:
+        return  # an older checkpoint: no record of its arrays; the read will tell
+    wanted = {jax.tree_util.keystr(path)
+              for path, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+    missing, extra = sorted(wanted - set(saved)), sorted(set(saved) - wanted)
+    if missing or extra:
+        differences = "; ".join(part for part in (
+            f"this code expects {missing[:3]}{' ...' if len(missing) > 3 else ''}, not saved"
+            if missing else "",
+            f"saved {extra[:3]}{' ...' if len(extra) > 3 else ''}, not expected"
+            if extra else "") if part)
+        raise StructureMismatchError(
+            f"checkpoint step {step}: {item_dir} holds {len(saved)} arrays of another "
+            f"structure than this code builds ({len(wanted)} arrays; {differences}). It was "
+            "saved by another version of the code or its libraries (optax), or another "
+            "optimizer setting: resume with those, or train in a new --workdir. Nothing was "
+            "changed")
+
+
 def _restore_item(directory: epath.Path, step: int, item: str, target, meta: dict | None):
     item_dir = directory / str(step) / item
+    saved = (meta or {}).get("checksums", {}).get(item)
+    _check_structure(step, item_dir, target, saved)
     arrays = _read_arrays(step, item_dir, target)
-    _verify(step, item_dir, arrays, (meta or {}).get("checksums", {}).get(item))
+    _verify(step, item_dir, arrays, saved)
     return arrays
 
 

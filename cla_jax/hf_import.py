@@ -32,9 +32,11 @@ from cla_jax.storage import as_path
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None}
 SUPPORTED_TYPES = ("llama", "mistral")
-# A model directory's tokenizer: tokenizer.json, the files naming its special ids, and the
-# map transformers keeps beside them (copied along so an export gives all of them back).
-TOKENIZER_FILES = ("tokenizer.json", *MODEL_ID_FILES, "special_tokens_map.json")
+# A model directory's tokenizer: tokenizer.json, the files naming its special ids, the map
+# transformers keeps beside them (copied along so an export gives all of them back), and the
+# chat template that serve.py's /v1/chat/completions renders.
+TOKENIZER_FILES = ("tokenizer.json", *MODEL_ID_FILES, "special_tokens_map.json",
+                   "chat_template.jinja")
 
 
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:

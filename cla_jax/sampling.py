@@ -79,6 +79,24 @@ def filter_logits(logits_BV, temperature_B, top_k_B, top_p_B):
     return jax.lax.cond(needs_filter, filtered, lambda x: x, logits_BV)
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a seed in [0, 2^64): every bit of the seed counts.
+
+    `jax.random.key(seed)` keeps only the low 32 bits unless jax_enable_x64 is on (seeds 5 and
+    2^32 + 5 would sample the same text). For the default threefry keys this builds the key
+    jax builds with x64 on, (high word, low word), so a seed below 2^32 keeps its old key;
+    other key kinds fold the high word into the low word's key.
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise UserError(f"a seed must be in [0, 2^64), got {seed}")
+    high, low = seed >> 32, seed & 0xFFFFFFFF
+    key = jax.random.key(low)
+    if jax.random.key_data(key).shape == (2,):  # threefry2x32: the key *is* the seed's words
+        return jax.random.wrap_key_data(jnp.asarray([high, low], jnp.uint32))
+    return jax.random.fold_in(key, high) if high else key
+
+
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     """One token per row [B] int32, and its log-probability under the model's own
     (unscaled, unfiltered) distribution [B] float32.

@@ -55,6 +55,7 @@ def corpus_glob(tmp_path_factory):
 LONGEST_FILES_FIRST = ("test_train.py", "test_serving.py", "test_sharding.py", "test_model.py",
                        "test_checkpoint_integrity.py", "test_gcs.py", "test_pareto.py",
                        "test_multiprocess.py", "test_adapt.py", "test_serve.py",
+                       "test_serve_soak.py", "test_serve_limits.py", "test_serve_chat.py",
                        "test_decoding.py", "test_lm_eval.py", "test_hf_import.py",
                        "test_precision.py", "test_device_check.py", "test_pallas_attention.py",
                        "test_int8_cache.py", "test_loss.py", "test_attention.py",

@@ -308,3 +308,32 @@ def test_a_damaged_step_is_set_aside_byte_for_byte_on_gcs(gcs_bucket):  # noqa: 
     assert {name: (directory / name.replace("4/", "4.damaged/", 1)).read_bytes()
             for name in files} == files
     assert not (directory / "4").exists() and checkpoint.committed_steps(directory) == []
+
+
+def test_an_optimizer_state_of_another_structure_is_one_error_and_nothing_is_set_aside(
+        trained, tmp_path, monkeypatch):
+    """As after an optax upgrade that reshapes its state: every step is whole, so none may be
+    set aside as damaged (training would then start over from step 0)."""
+    import optax
+
+    from cla_jax.train import loop
+    config, _, cache = trained
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run / "checkpoints")
+    real = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer",
+                        lambda train: optax.chain(real(train), optax.scale(1.0)))
+    with pytest.raises(checkpoint.StructureMismatchError,
+                       match=r"step 6: .*opt_state holds \d+ arrays of another structure .*"
+                             r"Nothing was changed"):
+        train_and_evaluate(config, run, cache)
+    assert snapshot(run / "checkpoints") == before  # nothing renamed, nothing written
+    for step in (2, 4, 6):  # saved by an older cla-jax, without checksums: orbax's own check
+        path = meta_file(run / "checkpoints" / str(step))
+        meta = json.loads(path.read_text())
+        del meta["checksums"], meta["meta_crc32"]
+        path.write_text(json.dumps(meta))
+    before = snapshot(run / "checkpoints")
+    with pytest.raises(checkpoint.StructureMismatchError, match="another structure"):
+        train_and_evaluate(config, run, cache)
+    assert snapshot(run / "checkpoints") == before

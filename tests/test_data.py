@@ -281,6 +281,8 @@ def _check_round_trip_and_bytes(tok: tokenizer.Tokenizer, texts=TRICKY_TEXTS):
         assert all(3 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == text
         assert tok.decode([tok.bos_id, *ids, tok.pad_id]) == text
+        # Ids past the tokenizer (a model with more rows samples them) stand for no text.
+        assert tok.decode([*ids, tok.vocab_size, tok.vocab_size + 100]) == text
         assert counts[ids].sum() == len(text.encode("utf-8"))
 
 

@@ -3,48 +3,35 @@ decoding.generate, streaming, concurrent requests sharing the batch, stop string
 400 for bad requests. Most tests run the app in-process over a tiny random model; one starts
 `serve.py --workdir` on a trained checkpoint as a subprocess."""
 import concurrent.futures
+import inspect
 import json
 import re
 import subprocess
 import sys
-import threading
 import types
 import urllib.error
 import urllib.request
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-from flax import linen as nn
-from test_train import ROOT, tiny_config
+from serving_app import MAX_LENGTH, serving, tiny_model
+from test_train import ROOT
 
 from cla_jax import checkpoint
-from cla_jax.config import ModelConfig
-from cla_jax.data.tokenizer import ByteTokenizer
 from cla_jax.decoding import Sampling, generate
-from cla_jax.model import abstract_params
 from cla_jax.scripts import serve
-from cla_jax.serving import Batcher, Engine
+from cla_jax.server.app import make_app
+from cla_jax.serving import Batcher, Engine, Request
 
-MAX_LENGTH = 64
 PROMPTS = ["the king", "a queen", "far away", "lord and lady"]  # one prompt bucket (16)
 MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny random MQA-CLA2 model over bytes: (config, model, params, tokenizer)."""
-    config = tiny_config("files:unused")
-    config.model.update(max_seq_len=MAX_LENGTH)
-    model = ModelConfig.from_dict(config.model)
-    # Drawn on the host (no init compile), with a large std: peaked logits, no near-ties.
-    rng = np.random.default_rng(3)
-    params = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype),
-        nn.meta.unbox(abstract_params(model)))
-    return config, model, params, ByteTokenizer()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +62,11 @@ def served(tiny):
                       decode=tokenizer.decode)
     serve.warm_up(batcher, everything=False)
     batcher.start()
-    sock = serve.listen("127.0.0.1", 0)
-    server = serve.make_server(serve.make_app(batcher, tokenizer, "tiny"))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    url = serve.url_of(sock)
     try:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
-        yield client, url, batcher
+        with serving(make_app(batcher, tokenizer, "tiny")) as url:
+            yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0,
+                                timeout=120), url, batcher
     finally:
-        server.should_exit = True
-        thread.join(30)
         batcher.stop()
 
 
@@ -136,6 +117,27 @@ def test_streaming_gives_the_same_text_in_several_chunks(served):
     assert chunks[-1].usage == result.usage
 
 
+def test_a_stream_sends_one_chunk_per_token(served):
+    """Not one per device call of --steps_per_call tokens (what its help used to say)."""
+    client, _, batcher = served
+    assert batcher.steps_per_call > 1
+    chunks = [c.choices[0] for c in complete(client, PROMPTS[0], max_tokens=12, temperature=0,
+                                             stream=True, logprobs=1)]
+    per_chunk = [len(c.logprobs.tokens) for c in chunks if c.logprobs.tokens]
+    # A chunk holds more than one token only where text was held back (part of a UTF-8
+    # character): far more chunks than the 3 device calls of 4 steps.
+    assert len(per_chunk) >= 6 and per_chunk.count(1) > per_chunk.count(4)
+    assert "one chunk per token" in serve_flag_help("steps_per_call")
+
+
+def serve_flag_help(name: str) -> str:
+    """The help text of a serve.py flag, read from its definition (defining the flags here
+    would take their names from the test process)."""
+    source = " ".join(inspect.getsource(serve.define_flags).split())
+    definition = source[source.index(f'"{name}"'):]
+    return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', definition[:definition.index(")")]))
+
+
 def test_concurrent_requests_equal_one_at_a_time(tiny, greedy, served):
     client, _, batcher = served
     # 8 requests over 3 slots: requests join a busy pool and wait for freed slots.
@@ -159,15 +161,22 @@ def test_stop_strings_cut_the_text(served):
     # An ASCII character from the second half: the text is cut at its first occurrence.
     stop = next(c for c in full[len(full) // 2:] if c.isascii() and c.isprintable())
     cut = full[:full.index(stop)]
+    reported = {}
     for stream in (False, True):
         result = complete(client, PROMPTS[3], stop=[stop, "never seen"], stream=stream,
-                          **sampled)
+                          logprobs=1, **sampled)
         if stream:
             chunks = [c.choices[0] for c in result]
             text, finish = "".join(c.text for c in chunks), chunks[-1].finish_reason
+            reported[stream] = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
         else:
             text, finish = result.choices[0].text, result.choices[0].finish_reason
+            reported[stream] = result.choices[0].logprobs.tokens
         assert (text, finish) == (cut, "stop")
+        if not stream:
+            offsets = result.choices[0].logprobs.text_offset
+    # The same tokens' logprobs streamed or not: none of the stop string cut from the text.
+    assert reported[True] == reported[False] and all(o < len(cut) for o in offsets)
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -235,3 +244,48 @@ def test_serve_script_serves_a_saved_checkpoint(tiny, greedy, tmp_path):
         server.terminate()
         server.wait(30)
         log.close()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """{sample name{labels}: value} of GET /metrics, parsed by prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else ""): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_tokens_and_latencies(served):
+    client, url, batcher = served
+    before = scrape(url)
+    results = [complete(client, p, max_tokens=6, temperature=0) for p in PROMPTS]
+    generated = sum(r.usage.completion_tokens for r in results)
+    after = scrape(url)
+    assert after["cla_generation_tokens_total"] - before["cla_generation_tokens_total"] \
+        == generated
+    assert after["cla_prompt_tokens_total"] - before["cla_prompt_tokens_total"] == \
+        sum(r.usage.prompt_tokens for r in results)
+    for histogram in ("cla_time_to_first_token_seconds", "cla_request_duration_seconds"):
+        assert after[f"{histogram}_count"] - before.get(f"{histogram}_count", 0) == 4
+    assert after["cla_time_per_output_token_seconds_count"] > 0
+    assert after["cla_generation_tokens_per_second"] > 0
+    assert after["cla_slots"] == 3
+    assert after["cla_requests_running"] == after["cla_slot_usage_ratio"] == 0
+    assert after["cla_kv_cache_usage_ratio"] == after["cla_requests_waiting"] == 0
+    batcher.stop()  # paused: what is submitted now waits, and the gauges say so
+    try:
+        waiting = [batcher.submit(Request(prompt=[3, 4, 5], max_tokens=8)) for _ in range(2)]
+        paused = scrape(url)
+        assert paused["cla_requests_waiting"] == 2 and paused["cla_queued_tokens"] == 22
+        batcher.step_once()  # both join the pool: 3 + 1 positions each of 3 x 64
+        running = scrape(url)
+        assert running["cla_requests_running"] == 2 and running["cla_requests_waiting"] == 0
+        assert running["cla_slot_usage_ratio"] == pytest.approx(2 / 3)
+        assert running["cla_kv_cache_usage_ratio"] == pytest.approx(
+            batcher.cache_positions_used() / (3 * MAX_LENGTH))
+        assert batcher.cache_positions_used() > 0
+        for handle in waiting:
+            batcher.cancel(handle)
+    finally:
+        batcher.start()

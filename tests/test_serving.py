@@ -11,7 +11,7 @@ from cla_jax import sharding
 from cla_jax.decoding import Sampling, generate
 from cla_jax.errors import UserError
 from cla_jax.model import abstract_params
-from cla_jax.serving import Batcher, Engine, Request
+from cla_jax.serving import Batcher, Engine, Request, RequestError
 from cla_jax.serving.engine import bucket_for, buckets
 
 
@@ -205,3 +205,147 @@ def test_the_engine_on_a_mesh_equals_one_device():
                      [0, 0, 1, 2, 2])
     assert [h.result().tokens for h in many] == [h.result().tokens for h in one]
 
+
+
+# --- Faults that used to take the loop down or hang a caller ---------------------------------
+
+@pytest.fixture(scope="module")
+def small_engine():
+    config = make_config("cla2", "mqa", max_seq_len=48, attention="xla")
+    return Engine(config, make_params(config, seed=8), num_slots=2, max_length=48,
+                  min_window_bucket=16)
+
+
+def greedy_runs(engine, prompts, max_tokens=12):
+    handles = staggered(Batcher(engine), [Request(prompt=p, max_tokens=max_tokens,
+                                                  temperature=0) for p in prompts],
+                        [0] * len(prompts))
+    return [h.result().tokens for h in handles]
+
+
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(small_engine):
+    """One request's host-side failure (here its decode, as a SentencePiece tokenizer smaller
+    than the model used to fail) ends that request with the error; the loop keeps serving the
+    others and later ones."""
+    prompts = [[3, 4], [9, 9, 9], [17], [30, 2]]
+    runs = greedy_runs(small_engine, prompts)
+    bad, good = next((a, b) for a in range(4) for b in range(4) if runs[a][0] != runs[b][0])
+    poison = runs[bad][0]
+
+    def decode(tokens):
+        if tokens and tokens[0] == poison:
+            raise IndexError("piece id is out of range")
+        return letters(tokens)
+
+    batcher = Batcher(small_engine, decode)
+    batcher.start()
+    try:
+        failing = batcher.submit(Request(prompt=prompts[bad], max_tokens=12, temperature=0))
+        serving = batcher.submit(Request(prompt=prompts[good], max_tokens=12, temperature=0))
+        with pytest.raises(IndexError, match="out of range"):
+            failing.result(timeout=120)
+        assert serving.result(timeout=120).tokens == runs[good]
+        later = batcher.submit(Request(prompt=prompts[good], max_tokens=3, temperature=0))
+        assert later.result(timeout=120).tokens == runs[good][:3]
+        assert batcher.slots_in_use() == 0 and not batcher.busy
+    finally:
+        batcher.stop()
+
+
+class FailingEngine:
+    """small_engine, but `program` (prefill or insert) raises for prompts longer than 16, as
+    compiling a new prompt bucket out of memory would: before touching the pool (the pool
+    keeps serving), or after its donated state is gone (the loop fails)."""
+
+    def __init__(self, engine, program):
+        self._engine, self._program = engine, program
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prefill(self, prompt, *args):
+        if self._program == "prefill" and len(prompt) > 16:
+            raise MemoryError("RESOURCE_EXHAUSTED compiling the prefill of bucket 32")
+        return self._engine.prefill(prompt, *args)
+
+    def insert(self, state, prefix, slot):
+        if self._program.startswith("insert") and int(prefix.cache.lengths[0]) > 16:
+            if self._program == "insert_consuming_the_pool":  # as a failed donated call can
+                jax.tree_util.tree_map(lambda leaf: leaf.delete(), state)
+            raise MemoryError("RESOURCE_EXHAUSTED compiling the insert of bucket 32")
+        return self._engine.insert(state, prefix, slot)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("program", ["prefill", "insert", "insert_consuming_the_pool"])
+def test_a_request_that_fails_to_start_gets_its_error_instead_of_a_hang(
+        small_engine, program):
+    batcher = Batcher(FailingEngine(small_engine, program))
+    batcher.start()
+    try:
+        long = batcher.submit(Request(prompt=[5] * 20, max_tokens=4, temperature=0))
+        with pytest.raises(MemoryError, match="RESOURCE_EXHAUSTED"):
+            long.result(timeout=120)  # it used to wait forever: in neither queue nor slot
+        if program == "insert_consuming_the_pool":  # no cache left to serve from
+            batcher._thread.join(120)
+            with pytest.raises(RuntimeError, match="serving loop stopped"):
+                batcher.submit(Request(prompt=[5] * 3, max_tokens=4))
+            return
+        short = batcher.submit(Request(prompt=[5] * 3, max_tokens=4, temperature=0))
+        assert len(short.result(timeout=120).tokens) == 4
+        assert batcher.slots_in_use() == 0 and not batcher.busy
+    finally:
+        batcher.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_submit_racing_a_loop_failure_is_refused_not_lost(small_engine, monkeypatch):
+    """The loop fails while a submit is between its checks and the queue: the submit must
+    raise (or its request fail), never queue a request nobody will run."""
+    class BrokenStep(FailingEngine):
+        def step(self, *args):
+            raise RuntimeError("the device is gone")
+
+    batcher = Batcher(BrokenStep(small_engine, None))
+    batcher.start()
+    real_check = Request.check
+
+    def check_while_the_loop_fails(request, *args):
+        real_check(request, *args)
+        if request.max_tokens == 5:  # the racing submit: let the loop fail meanwhile
+            with pytest.raises(RuntimeError, match="device is gone"):
+                batcher.submit(Request(prompt=[3], max_tokens=4)).result(timeout=120)
+            batcher._thread.join(120)
+
+    monkeypatch.setattr(Request, "check", check_while_the_loop_fails)
+    try:
+        with pytest.raises(RuntimeError, match="serving loop stopped"):
+            handle = batcher.submit(Request(prompt=[3], max_tokens=5))
+            handle.result(timeout=5)  # before the fix: TimeoutError, queued for nobody
+    finally:
+        batcher._thread = None
+
+
+def test_every_bit_of_a_seed_counts(small_engine):
+    from cla_jax.sampling import seed_key
+    assert (np.asarray(jax.random.key_data(seed_key(5)))
+            == np.asarray(jax.random.key_data(jax.random.key(5)))).all()  # old seeds unchanged
+
+    def sampled(seed):
+        request = Request(prompt=[3, 4], max_tokens=16, temperature=1.5, seed=seed)
+        return staggered(Batcher(small_engine), [request], [0])[0].result().tokens
+
+    assert sampled(2**32 + 5) != sampled(5)
+    assert sampled(2**32 + 5) == sampled(2**32 + 5)
+
+
+def test_a_bad_request_error_names_its_parameter(small_engine):
+    batcher = Batcher(small_engine)
+    cases = {"max_tokens": dict(prompt=[3], max_tokens=10**9),
+             "prompt": dict(prompt=[3] * 48, max_tokens=1),
+             "temperature": dict(prompt=[3], temperature=-1.0),
+             "top_p": dict(prompt=[3], top_p=0.0), "seed": dict(prompt=[3], seed=-1)}
+    for param, fields in cases.items():
+        with pytest.raises(RequestError) as caught:
+            batcher.submit(Request(**fields))
+        assert caught.value.param == param, (param, str(caught.value))

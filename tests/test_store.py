@@ -252,10 +252,44 @@ def test_damaged_shards_are_detected(tmp_path, monkeypatch):
     flipped[10] ^= 1  # same size: only the checksum audit sees it
     shard_file.write_bytes(bytes(flipped))
     assert rebuilt.verify() == ["00001.train.tokens"]
+    rebuilt.discard(rebuilt.verify())  # its record forgotten: the next build redoes the shard
+    calls.clear()
+    _, repaired = _build(pattern, tmp_path / "store")
+    assert calls == [1] and shard_file.read_bytes() == good and repaired.verify() == []
+    shard_file.write_bytes(bytes(flipped))
+    (tmp_path / "store" / "shards" / "00001.json").unlink()  # by hand: the same
+    calls.clear()
+    _build(pattern, tmp_path / "store")
+    assert calls == [1] and shard_file.read_bytes() == good
     shard_file.write_bytes(good[:-2])  # damaged under a running reader: one clear error
     with pytest.raises(store.StoreError,
                        match="00001.train.tokens is damaged \\(it is .* bytes, not"):
         np.asarray(store.TokenStore(tmp_path / "store").split("train"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_records_whose_text_is_null_are_skipped_and_counted_in_every_format(tmp_path, fmt):
+    """One rule for both formats: a null text is no document (jsonl used to abort the build,
+    parquet to make an empty document), and the store counts what it skipped."""
+    root = tmp_path / "in"
+    root.mkdir()
+    documents = []
+    for f in range(2):
+        path = root / f"part-{f}.{fmt}"
+        rows = ["first text", None, "third text", None] if f else ["alone", None]
+        documents += [(f"{path}#{r}", t) for r, t in enumerate(rows) if t is not None]
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.table({"content": rows}), path)
+        else:
+            path.write_text("".join(json.dumps({"content": t}) + "\n" for t in rows))
+    _, built = _build(str(root / f"*.{fmt}"), tmp_path / "store")
+    expected = _expected(documents, 0.3)
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(np.asarray(built.split(split)), expected[split])
+    assert sum(s["documents"] for s in built.meta["splits"].values()) == 3
+    assert built.meta["skipped"] == 3
 
 
 def test_validation_holdout_is_stable_and_near_its_fraction():
@@ -385,10 +419,13 @@ def test_prepare_command_builds_and_audits_the_store(tmp_path):
     documents = [int(n.replace(",", "")) for n in re.findall(r"(\d[\d,]*) documents", done.stdout)]
     assert len(documents) == 2 and sum(documents) == 40  # train + validation: every row once
     shard = next((tmp_path / "d").rglob("00001.train.tokens"))
-    data = bytearray(shard.read_bytes())
+    good = shard.read_bytes()
+    data = bytearray(good)
     data[3] ^= 1
     shard.write_bytes(bytes(data))
-    damaged = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert damaged.returncode == 2
-    assert damaged.stderr.strip().splitlines()[-1].startswith(
-        "error: damaged shard files (crc32 mismatch): ['00001.train.tokens']")
+    # --verify finds the flipped bit and rebuilds that shard: training reads good tokens again.
+    repaired = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert "rebuilt damaged shard files (crc32 mismatch): ['00001.train.tokens']" in \
+        repaired.stdout
+    assert "every shard matches its crc32" in repaired.stdout and shard.read_bytes() == good

@@ -69,9 +69,10 @@ class Plan:
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """Part of a document: `first` marks a document's first piece."""
+    """Part of a document: `first` marks a document's first piece. text None: a record
+    whose text is null (jsonl `null`, a parquet null cell), skipped and counted."""
     identity: str
-    text: str
+    text: str | None
     first: bool
     consumed: int             # input bytes (or records) of the shard read so far
 
@@ -336,12 +337,16 @@ class _open_text_lines:  # noqa: N801 (a context manager used like open)
         self._file.close()
 
 
-def _json_text(line: str, path: str, number: int, text_field: str) -> str:
+def _json_text(line: str, path: str, number: int, text_field: str) -> str | None:
+    """The line's text; None if the field is null (skipped and counted, as a null parquet
+    cell). A record without the field is refused: text_field is likely wrong."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise SourceError(f"{path} line {number} is not JSON ({error.msg})") from None
     text = record.get(text_field) if isinstance(record, dict) else None
+    if text is None and isinstance(record, dict) and text_field in record:
+        return None
     if not isinstance(text, str):
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise SourceError(f"{path} line {number} has no text field {text_field!r} (it has "
@@ -366,7 +371,7 @@ def _parquet_pieces(path: str, text_field: str):
         for group in range(parquet.num_row_groups):
             consumed += parquet.metadata.row_group(group).total_byte_size
             for text in parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist():
-                yield f"{path}#{row}", text or "", True, consumed
+                yield f"{path}#{row}", text, True, consumed  # None: a null cell, skipped
                 row += 1
 
 

@@ -6,7 +6,8 @@ One store is one directory, named by everything its bytes depend on:
         shards/00012.train.tokens        [bos] + document, concatenated; uint16 (uint32 when
         shards/00012.validation.tokens   the vocabulary needs it), raw little-endian
         shards/00012.counts.npy          int64 [2, vocab]: token counts per split
-        shards/00012.json                the shard's commit record: tokens, documents, crc32
+        shards/00012.json                the shard's commit record: tokens, documents, crc32,
+                                         records skipped for having no text (null)
         store.json                       written once every shard is committed
 
 Atomic per shard: data files are written under temporary names and renamed, and the commit
@@ -45,7 +46,8 @@ from cla_jax.data.tokenizer import Tokenizer, text_chunks
 from cla_jax.errors import UserError
 from cla_jax.storage import is_remote
 
-FORMAT_VERSION = 1
+# 2: null texts are skipped and counted (1 made them empty documents, or failed).
+FORMAT_VERSION = 2
 SPLITS = (TRAIN, VALIDATION)
 WRITE_TOKENS = 1 << 20        # tokens buffered before a write
 REPORT_BYTES = 4 << 20        # progress granularity of a worker
@@ -130,9 +132,12 @@ def build_shard(directory: str, index: int, shard: Shard, plan: Plan, tokenizer:
     files = {s: _TokenFile(_shard_path(directory, index, f"{s}.tokens"), dtype, vocab)
              for s in SPLITS}
     bos = np.array([tokenizer.bos_id], dtype)
-    out, reported = None, 0
+    out, reported, skipped = None, 0, 0
     try:
         for piece in read_shard(shard, plan.text_field, **read_kwargs):
+            if piece.text is None:
+                skipped += 1
+                continue
             if piece.first:
                 out = files[shard.split or hash_split(piece.identity, plan.validation_fraction)]
                 out.documents += 1
@@ -151,7 +156,7 @@ def build_shard(directory: str, index: int, shard: Shard, plan: Plan, tokenizer:
     buffer = _npy_bytes(np.stack([files[s].counts for s in SPLITS]))
     _write_atomically(_shard_path(directory, index, "counts.npy"), buffer)
     record = {"format": FORMAT_VERSION, "key": key, "index": index, "inputs": list(shard.inputs),
-              "dtype": dtype.name, "splits": splits}
+              "dtype": dtype.name, "splits": splits, "skipped": skipped}
     _write_atomically(_shard_path(directory, index, "json"), json.dumps(record).encode())
     return record
 
@@ -294,10 +299,12 @@ def _file_sizes(directory: epath.Path) -> dict[str, int]:
 
 
 def is_complete(directory: epath.Path, key: str) -> bool:
-    """store.json is there, for this key, and every file it lists has its recorded size.
+    """store.json is there, for this key, every shard has its commit record and every file it
+    lists has its recorded size.
 
     A shard whose file is missing or has another size loses its commit record (and the store
-    its store.json), so the next build redoes exactly that shard.
+    its store.json), so the next build redoes exactly that shard; so does a shard whose record
+    was deleted (`TokenStore.discard`).
     """
     try:
         meta = json.loads((directory / "store.json").read_text())
@@ -307,7 +314,8 @@ def is_complete(directory: epath.Path, key: str) -> bool:
         return False
     sizes, itemsize = _file_sizes(directory), np.dtype(meta["dtype"]).itemsize
     damaged = [index for index, shard in enumerate(meta["shards"])
-               if any(sizes.get(split["file"]) != split["tokens"] * itemsize
+               if _shard_path(directory, index, "json").name not in sizes
+               or any(sizes.get(split["file"]) != split["tokens"] * itemsize
                       for split in shard.values())]
     for index in damaged:
         logging.warning("token store %s: shard %d is damaged (a file is missing or has the "
@@ -330,8 +338,12 @@ def _finish(directory: epath.Path, plan: Plan, tokenizer: Tokenizer, key: str) -
             "splits": {s: {"tokens": sum(r["splits"][s]["tokens"] for r in records),
                            "documents": sum(r["splits"][s]["documents"] for r in records)}
                        for s in SPLITS},
+            "skipped": sum(r["skipped"] for r in records),
             "shards": [r["splits"] for r in records]}
     _write_atomically(directory / "store.json", json.dumps(meta).encode())
+    if meta["skipped"]:
+        logging.warning("token store %s: skipped %d records whose text is null", directory,
+                        meta["skipped"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +465,14 @@ class TokenStore:
         """int64 [vocab]: how often each token occurs in split `name`."""
         counts = _load_npy(self.directory / "counts.npy")
         return counts[SPLITS.index(name)]
+
+    def discard(self, files: Sequence[str]) -> None:
+        """Forgets the shards of these files (their commit records and store.json): the next
+        build (prepare_corpus) tokenizes exactly those shards again."""
+        for index, shard in enumerate(self.meta["shards"]):
+            if any(split["file"] in files for split in shard.values()):
+                _shard_path(self.directory, index, "json").unlink(missing_ok=True)
+        (self.directory / "store.json").unlink(missing_ok=True)
 
     def verify(self) -> list[str]:
         """Reads every shard file and compares its crc32 with its commit record; returns the

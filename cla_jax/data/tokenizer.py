@@ -77,6 +77,14 @@ class Tokenizer(abc.ABC):
         separator after a document) and eos."""
         return (self.bos_id, self.eos_id)
 
+    def token_text(self, i: int) -> str | None:
+        """The text of a (special) token as a chat template writes it; None if it has none."""
+        return None
+
+    def token_id(self, text: str | None) -> int | None:
+        """The id of a (special) token's text; None if no single token is that text."""
+        return None
+
 
 class ByteTokenizer(Tokenizer):
     """One id per UTF-8 byte (id = byte + 3); no training, exact round trip."""
@@ -227,8 +235,11 @@ class SentencePieceTokenizer(Tokenizer):
         return [[i + self._offset for i in ids] for ids in batch] if self._offset else batch
 
     def decode(self, ids: Iterable[int]) -> str:
+        # A model may have more rows than the tokenizer has pieces (the vocabulary check
+        # allows it) and sample one of them: it stands for no text, as a special id does.
+        size = self.vocab_size
         return self._processor.decode(
-            [i - self._offset for i in ids if i >= NUM_SPECIAL_IDS]
+            [i - self._offset for i in ids if NUM_SPECIAL_IDS <= i < size]
         )
 
     def token_bytes(self) -> np.ndarray:
@@ -319,6 +330,13 @@ class HFTokenizer(Tokenizer):
             [i - self.offset for i in ids if 0 <= i < size and i not in special],
             skip_special_tokens=True)
 
+    def token_text(self, i: int) -> str | None:
+        return self._tokenizer.id_to_token(i - self.offset) if i >= self.offset else None
+
+    def token_id(self, text: str | None) -> int | None:
+        i = self._tokenizer.token_to_id(text) if text else None
+        return None if i is None else i + self.offset
+
     def _decoder_types(self) -> set[str]:
         decoder = self._spec.get("decoder") or {}
         return {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
@@ -395,6 +413,11 @@ class HFModelTokenizer(HFTokenizer):
 
     def __reduce__(self):
         return type(self), (self._model_dir,)
+
+    @property
+    def model_dir(self) -> epath.Path:
+        """The directory it was read from (its chat template lives there too)."""
+        return epath.Path(self._model_dir)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from cla_jax.cache import kv_bytes
 from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.decoding import Sampling, generate
 from cla_jax.errors import UserError
+from cla_jax.sampling import seed_key
 from cla_jax.storage import as_path
 
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
@@ -49,7 +50,7 @@ def main(argv):
                                                        FLAGS.seed)
     tokenizer = corpus_tokenizer(config.data, FLAGS.cache_dir, max_vocab_size=model.vocab_size)
     prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
-    rng = jax.random.key(FLAGS.seed)
+    rng = seed_key(FLAGS.seed)
 
     def run(new_tokens):
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Serving: a pool of slots over the grouped KV cache (`Engine`) kept full by continuous
 batching (`Batcher`); `cla_jax.scripts.serve` puts an OpenAI-compatible HTTP API on top."""
-from cla_jax.serving.batcher import Batcher, Completion, Event, Handle, Request
+from cla_jax.serving.batcher import Batcher, Completion, Event, Handle, Request, RequestError
 from cla_jax.serving.engine import Engine
 
-__all__ = ["Batcher", "Completion", "Engine", "Event", "Handle", "Request"]
+__all__ = ["Batcher", "Completion", "Engine", "Event", "Handle", "Request", "RequestError"]

@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable, Iterator, Sequence
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -31,6 +32,14 @@ from cla_jax.sampling import Sampling
 from cla_jax.serving.engine import Engine, bucket_for
 
 MAX_SEED = 2**63 - 1
+
+
+class RequestError(UserError):
+    """A request argument is bad; `param` names it (the HTTP server reports it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,38 +58,52 @@ class Request:
     logprobs: bool = False
 
     def check(self, vocab_size: int, max_length: int, decodes_text: bool) -> None:
-        """One UserError naming the first bad argument."""
-        Sampling(self.temperature, self.top_k, self.top_p).check_vocab(vocab_size)
+        """One RequestError naming the first bad argument (its `param`)."""
+        try:
+            Sampling(self.temperature, self.top_k, self.top_p).check_vocab(vocab_size)
+        except UserError as error:
+            raise RequestError(str(error), str(error).split()[0]) from None
         prompt = list(self.prompt)
         if not prompt:
-            raise UserError("the prompt is empty; give at least one token (e.g. BOS)")
+            raise RequestError("the prompt is empty; give at least one token (e.g. BOS)",
+                               "prompt")
         if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab_size for t in prompt):
             bad = sorted({t for t in prompt
                           if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab_size)},
                          key=repr)
-            raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                            f"[0, {vocab_size})")
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                               f"[0, {vocab_size})", "prompt")
         if (not isinstance(self.max_tokens, (int, np.integer)) or isinstance(self.max_tokens, bool)
                 or self.max_tokens < 1):
-            raise UserError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+                               "max_tokens")
         if len(prompt) + self.max_tokens > max_length:
-            raise UserError(f"the prompt ({len(prompt)} tokens) + max_tokens "
-                            f"({self.max_tokens}) exceeds the context length {max_length}; "
-                            f"shorten the prompt or ask for at most "
-                            f"{max(max_length - len(prompt), 0)} tokens")
+            # The prompt is at fault only when it leaves no room at all; else max_tokens is.
+            raise RequestError(
+                f"the prompt ({len(prompt)} tokens) + max_tokens ({self.max_tokens}) exceeds "
+                f"the context length {max_length}; shorten the prompt or ask for at most "
+                f"{max(max_length - len(prompt), 0)} tokens",
+                "prompt" if len(prompt) >= max_length else "max_tokens")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer))
                                       or isinstance(self.seed, bool)
                                       or not 0 <= self.seed <= MAX_SEED):
-            raise UserError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+            raise RequestError(f"seed must be an integer in [0, 2^63), got {self.seed!r}",
+                               "seed")
         if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab_size
                    for t in self.stop_ids):
-            raise UserError(f"stop ids must be token ids in [0, {vocab_size}), got "
-                            f"{list(self.stop_ids)}")
+            raise RequestError(f"stop ids must be token ids in [0, {vocab_size}), got "
+                               f"{list(self.stop_ids)}", "stop")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise UserError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+            raise RequestError(f"stop strings must be non-empty strings, got "
+                               f"{list(self.stop)!r}", "stop")
         if self.stop and not decodes_text:
-            raise UserError("stop strings need a tokenizer to decode the text; this server "
-                            "has none (use stop ids)")
+            raise RequestError("stop strings need a tokenizer to decode the text; this server "
+                               "has none (use stop ids)", "stop")
+
+    @property
+    def tokens_to_run(self) -> int:
+        """Positions this request may fill: what it costs the pool, at most."""
+        return len(self.prompt) + self.max_tokens
 
 
 @dataclasses.dataclass
@@ -183,6 +206,7 @@ class Batcher:
         self._stopping = False
         self._cancelled: set[int] = set()
         self._failure: BaseException | None = None
+        self._admitting: _Running | None = None  # between the queue and a slot
         self.steps = 0                # decode steps run
         self.slot_steps = 0           # sum over steps of the slots in use
 
@@ -190,16 +214,19 @@ class Batcher:
 
     def submit(self, request: Request, on_event: Callable[[Event], None] | None = None
                ) -> Handle:
-        """Checks the request (UserError at once if bad) and queues it. on_event, if given, is
-        called from the loop's thread with every event (e.g. to feed an asyncio queue)."""
-        if self._failure is not None:
-            raise RuntimeError(f"the serving loop stopped after an error: {self._failure!r}")
+        """Checks the request (RequestError at once if bad) and queues it. on_event, if given,
+        is called from the loop's thread with every event (e.g. to feed an asyncio queue)."""
         request.check(self.engine.config.vocab_size, self.engine.max_length,
                       self.decode is not None)
         if request.seed is None:
             request = dataclasses.replace(request, seed=secrets.randbits(63))
         handle = Handle(next(self._ids))
         with self._wake:
+            # Under the lock that the failure handler takes to empty the queue: a request is
+            # either refused here or failed there, never queued after the queue was emptied.
+            if self._failure is not None:
+                raise RuntimeError(f"the serving loop stopped after an error: "
+                                   f"{self._failure!r}")
             self._waiting.append(_Running(request, handle, on_event, time.perf_counter()))
             self._wake.notify()
         return handle
@@ -218,6 +245,22 @@ class Batcher:
 
     def slots_in_use(self) -> int:
         return sum(s is not None for s in self.slots)
+
+    def waiting(self) -> int:
+        """Requests queued for a slot (a cancelled one no longer counts)."""
+        return len(self._queued())
+
+    def queued_tokens(self) -> int:
+        """Prompt + max_tokens of every queued request: the work waiting for a slot."""
+        return sum(r.request.tokens_to_run for r in self._queued())
+
+    def _queued(self) -> list[_Running]:
+        with self._lock:
+            return [r for r in self._waiting if r.handle.request_id not in self._cancelled]
+
+    def cache_positions_used(self) -> int:
+        """KV-cache positions the running requests fill (of num_slots x max_length)."""
+        return sum(s.length for s in list(self.slots) if s is not None)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -286,14 +329,23 @@ class Batcher:
                 self._failure = error
                 everyone = list(self._waiting) + [s for s in self.slots if s is not None]
                 self._waiting.clear()
+            if self._admitting is not None:  # popped from the queue, not yet in a slot
+                everyone.append(self._admitting)
             self.slots = [None] * len(self.slots)
             for running in everyone:
-                running.handle._error = error
-                running.handle._events.put(error)
-                running.handle._done.set()
-                if running.on_event is not None:
-                    running.on_event(Event(running.handle.request_id, [], [], "", "error"))
+                self._fail(running, error)
             raise
+
+    @staticmethod
+    def _fail(running: _Running, error: BaseException) -> None:
+        """Ends one request with `error`: `Handle.result` and its iterator raise it."""
+        if running.handle.done():
+            return
+        running.handle._error = error
+        running.handle._events.put(error)
+        running.handle._done.set()
+        if running.on_event is not None:
+            running.on_event(Event(running.handle.request_id, [], [], "", "error"))
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -308,7 +360,10 @@ class Batcher:
                 self.slots[slot] = None
                 dropped.append(running)
         for running in dropped:
-            self._finish(running, "cancelled", self._text(running, False)[0])
+            try:
+                self._finish(running, "cancelled", self._text(running, False)[0])
+            except Exception as error:  # noqa: BLE001 (e.g. decode): this request's, not all
+                self._fail(running, error)
 
     def _admit(self) -> None:
         for slot, occupant in enumerate(self.slots):
@@ -317,14 +372,32 @@ class Batcher:
             with self._lock:
                 if not self._waiting:
                     return
-                running = self._waiting.popleft()
-            r = running.request
-            prefix = self.engine.prefill(list(r.prompt), r.temperature, r.top_k, r.top_p, r.seed)
-            token, logprob = int(np.asarray(prefix.token)[0]), float(np.asarray(prefix.logprob)[0])
-            running.length = len(r.prompt)
-            if not self._add_token(running, token, logprob):
-                self.state = self.engine.insert(self.state, prefix, slot)
-                self.slots[slot] = running
+                running = self._admitting = self._waiting.popleft()
+            try:
+                self._prefill_into(slot, running)
+            except Exception as error:  # noqa: BLE001 (that request's failure, not the pool's)
+                if self._state_lost():
+                    # The pool's cache went with it: the loop fails, and its handler fails
+                    # everyone, this request (still `_admitting`) included.
+                    raise
+                logging.exception("request %d failed to start", running.handle.request_id)
+                self.slots[slot] = None
+                self._fail(running, error)
+            self._admitting = None
+
+    def _prefill_into(self, slot: int, running: _Running) -> None:
+        r = running.request
+        prefix = self.engine.prefill(list(r.prompt), r.temperature, r.top_k, r.top_p, r.seed)
+        token, logprob = int(np.asarray(prefix.token)[0]), float(np.asarray(prefix.logprob)[0])
+        running.length = len(r.prompt)
+        if not self._add_token(running, token, logprob):
+            self.state = self.engine.insert(self.state, prefix, slot)
+            self.slots[slot] = running
+
+    def _state_lost(self) -> bool:
+        """Whether the pool state was consumed (insert donates it) by a call that failed."""
+        return any(getattr(leaf, "is_deleted", lambda: False)()
+                   for leaf in jax.tree_util.tree_leaves(self.state))
 
     def _decode_step(self, active: list[bool]) -> None:
         k = self.steps_per_call
@@ -340,11 +413,16 @@ class Batcher:
         for slot, running in enumerate(self.slots):
             if running is None:
                 continue
-            for i in range(k):
-                running.length += 1
-                if self._add_token(running, int(tokens[i, slot]), float(logprobs[i, slot])):
-                    self.slots[slot] = None  # evicted: the slot takes the next request
-                    break
+            try:
+                for i in range(k):
+                    running.length += 1
+                    if self._add_token(running, int(tokens[i, slot]), float(logprobs[i, slot])):
+                        self.slots[slot] = None  # evicted: the slot takes the next request
+                        break
+            except Exception as error:  # noqa: BLE001 (e.g. decode): this request's, not all
+                logging.exception("request %d failed", running.handle.request_id)
+                self.slots[slot] = None
+                self._fail(running, error)
 
     # --- one token of one request --------------------------------------------------------
 
@@ -374,22 +452,24 @@ class Batcher:
                       running.logprobs[running.sent_tokens:] if r.logprobs else [],
                       text[running.sent_text:ready], finish)
         running.sent_tokens, running.sent_text = len(running.tokens), ready
-        if event.tokens or event.text or finish:
-            self._send(running, event)
         if finish is not None:
-            self._finish(running, finish, text, send=False)
+            self._finish(running, finish, text, event)
+        elif event.tokens or event.text:
+            self._send(running, event)
         return finish is not None
 
-    def _finish(self, running: _Running, reason: str, text: str, send: bool = True) -> None:
+    def _finish(self, running: _Running, reason: str, text: str,
+                last: Event | None = None) -> None:
+        """Completes the handle, then sends the last event (default: the rest of the text):
+        whoever gets that event finds `result()` ready."""
         r = running.request
-        if send:
-            self._send(running, Event(running.handle.request_id, [], [],
-                                      text[running.sent_text:], reason))
         running.handle._completion = Completion(
             running.handle.request_id, len(r.prompt), running.tokens,
             running.logprobs if r.logprobs else [], text, reason, running.submitted_at,
             running.token_times)
         running.handle._done.set()
+        self._send(running, last or Event(running.handle.request_id, [], [],
+                                          text[running.sent_text:], reason))
 
     def _text(self, running: _Running, stopped_by_id: bool) -> tuple[str, bool]:
         """The request's text so far (a stop id excluded), cut at the first stop string;

@@ -36,7 +36,7 @@ from cla_jax.cache import KVCache, cache_axes, constrain_cache, init_cache
 from cla_jax.config import ModelConfig
 from cla_jax.errors import UserError
 from cla_jax.model import Transformer
-from cla_jax.sampling import sample_rows
+from cla_jax.sampling import sample_rows, seed_key
 
 
 @flax.struct.dataclass
@@ -128,7 +128,7 @@ class Engine:
         tokens[0, :len(prompt)] = prompt
         settings = SlotSettings(np.float32([temperature]), np.int32([top_k]),
                                 np.float32([top_p]),
-                                np.asarray(jax.random.key_data(jax.random.key(seed)))[None])
+                                np.asarray(jax.random.key_data(seed_key(seed)))[None])
         inputs = jax.device_put((tokens, np.int32(len(prompt)), settings),
                                 sharding.replicated(self.mesh))
         return self._prefill(self.params, *inputs)
