@@ -228,15 +228,21 @@ def test_train_step_temporaries_stay_below_a_bound_derived_from_the_config(train
 
 
 def test_largest_batch_is_the_boundary_between_fitting_and_not(devices):
-    setup = setup_for(devices["8xh100"][:1])
-    one = compiled("train", setup, "1xh100")["memory"]["peak"]
-    chip = dataclasses.replace(targets.CHIPS["H100-SXM"], hbm_bytes=int(6.5 * one))
+    tiny = MODEL.replace(d_model=64, num_heads=2, head_dim=32, mlp_dim=128, vocab_size=500,
+                         max_seq_len=128)
+    setup = setup_for(devices["8xh100"][:1], tiny, seq_len=128)
+    # An H100 of 24 MiB: a handful of rows fit (about 4.4 MiB of state, 0.8 MiB a row).
+    chip = dataclasses.replace(targets.CHIPS["H100-SXM"], hbm_bytes=24 * 2**20)
     target = dataclasses.replace(targets.by_name("1xh100"), chip=chip)
     found = report.largest_batch("train", setup, target, [0])
     usable = chip.hbm_bytes * report.USABLE_FRACTION
     peaks = {int(k): v for k, v in found["peaks"].items()}
     largest = found["largest"]
     assert largest >= 2 and peaks[largest] <= usable < peaks[largest + 1], found
+    # A batch far past the memory is a verdict in the report, not a crash.
+    too_big, _ = report.compile_program(
+        "train", dataclasses.replace(setup, batch_per_shard=4 * largest), target, [0])
+    assert too_big["status"] == "ok" and too_big["fits"] is False
 
 
 def run_cla_compile(*args, **kwargs):
@@ -244,7 +250,7 @@ def run_cla_compile(*args, **kwargs):
                           cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
 
 
-def test_cla_compile_reports_every_program_and_a_verdict_for_one_that_does_not_fit(tmp_path):
+def test_cla_compile_reports_every_program(tmp_path):
     out = tmp_path / "report.json"
     run = run_cla_compile("--config=configs/default.py", "--target=8xh100",
                           "--programs=train,eval,prefill,generate,serve_step",
@@ -257,12 +263,6 @@ def test_cla_compile_reports_every_program_and_a_verdict_for_one_that_does_not_f
         assert result["status"] == "ok" and result["fits"], result
         assert result["memory"]["peak"] > 0 and result["roofline"]["step_s_lower_bound"] > 0
     assert "train      peak" in run.stdout and "(fits)" in run.stdout
-    # 10^5 sequences per GPU: a verdict, not a crash.
-    run = run_cla_compile("--config=configs/default.py", "--target=1xh100", "--programs=train",
-                          "--seq_len=256", "--batch_per_device=100000", f"--out={out}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "DOES NOT FIT" in run.stdout
-    assert json.loads(out.read_text())["targets"][0]["programs"]["train"]["fits"] is False
 
 
 def test_cla_compile_bad_input_is_one_line_naming_the_fix():

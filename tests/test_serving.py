@@ -269,7 +269,7 @@ class FailingEngine:
         return self._engine.prefill(prompt, *args)
 
     def insert(self, state, prefix, slot):
-        if self._program.startswith("insert") and int(prefix.cache.lengths[0]) > 16:
+        if (self._program or "").startswith("insert") and int(prefix.cache.lengths[0]) > 16:
             if self._program == "insert_consuming_the_pool":  # as a failed donated call can
                 jax.tree_util.tree_map(lambda leaf: leaf.delete(), state)
             raise MemoryError("RESOURCE_EXHAUSTED compiling the insert of bucket 32")

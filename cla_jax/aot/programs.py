@@ -61,6 +61,35 @@ class Program:
     cache_bytes: int = 0       # per device, for the in-place check of decode programs
 
 
+def make_setup(config, target, devices, *, mesh_spec: dict | None = None,
+               batch_per_shard: int | None = None, seq_len: int | None = None,
+               decode_batch_per_shard: int = 8, prompt_len: int | None = None,
+               max_new_tokens: int | None = None, cache_dtype: str = "bfloat16",
+               serve_param_dtype: str = "bfloat16") -> Setup:
+    """A run config (its `model`, `train` and `mesh` blocks) on a target's devices. The mesh
+    is `mesh_spec`, else the config's; a target of several slices or nodes puts data
+    parallelism across them (dcn_data) unless the mesh already spans them. The train batch
+    defaults to train.batch_size over the batch shards; prompts and new tokens to half of
+    model.max_seq_len each."""
+    from cla_jax.config import ConfigError
+
+    model = ModelConfig.from_dict(config.model)
+    spec = dict(mesh_spec or config.get("mesh") or {"fsdp": -1})
+    if target.slices > 1 and not any(int(spec.get(a, 1)) > 1 for a in sharding.DCN_AXES):
+        spec["dcn_data"] = target.slices
+    mesh = sharding.make_mesh(spec, devices)
+    train = config.train
+    batch = batch_per_shard or max(1, train.batch_size // sharding.num_batch_shards(mesh))
+    if batch % train.grad_accum_steps:
+        raise ConfigError(f"the batch per device ({batch}) is not a multiple of "
+                          f"train.grad_accum_steps ({train.grad_accum_steps})")
+    return Setup(model=model, train=train, mesh=mesh, seq_len=seq_len or train.seq_len,
+                 batch_per_shard=batch, decode_batch_per_shard=decode_batch_per_shard,
+                 prompt_len=prompt_len or model.max_seq_len // 2,
+                 max_new_tokens=max_new_tokens or model.max_seq_len // 2,
+                 cache_dtype=cache_dtype, serve_param_dtype=serve_param_dtype)
+
+
 def _abstract(tree, shardings):
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)

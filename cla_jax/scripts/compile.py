@@ -58,40 +58,21 @@ PROGRAM_NAMES = ("train", "eval", "prefill", "generate", "serve_step")
 GIB = 2**30
 
 
-def _setup(config, target, devices):
-    from cla_jax import sharding
-    from cla_jax.aot.programs import Setup
-    from cla_jax.config import ModelConfig
-
-    model = ModelConfig.from_dict(config.model)
-    spec = cli.mesh_spec() or dict(config.get("mesh") or {"fsdp": -1})
-    if target.slices > 1 and not any(int(spec.get(a, 1)) > 1 for a in sharding.DCN_AXES):
-        spec = {**spec, "dcn_data": target.slices}  # data parallelism across slices / nodes
-    mesh = sharding.make_mesh(spec, devices)
-    shards = sharding.num_batch_shards(mesh)
-    train = config.train
-    batch = flags.FLAGS.batch_per_device or max(1, train.batch_size // shards)
-    if batch % train.grad_accum_steps:
-        raise UserError(f"--batch_per_device={batch} is not a multiple of "
-                        f"train.grad_accum_steps={train.grad_accum_steps}")
-    return Setup(model=model, train=train, mesh=mesh,
-                 seq_len=flags.FLAGS.seq_len or train.seq_len, batch_per_shard=batch,
-                 decode_batch_per_shard=flags.FLAGS.decode_batch_per_device,
-                 prompt_len=flags.FLAGS.prompt_len or model.max_seq_len // 2,
-                 max_new_tokens=flags.FLAGS.max_new_tokens or model.max_seq_len // 2,
-                 cache_dtype=flags.FLAGS.cache_dtype,
-                 serve_param_dtype=flags.FLAGS.serve_param_dtype)
-
-
 def compile_target(config, target_name: str) -> dict:
     """Every asked-for program of `config` compiled for one target: the report's entry."""
     from cla_jax import sharding
     from cla_jax.aot import report, targets
+    from cla_jax.aot.programs import make_setup
 
     target = targets.by_name(target_name)
     stack.check(target.platform)
     devices = targets.compile_devices(target)
-    setup = _setup(config, target, devices)
+    f = flags.FLAGS
+    setup = make_setup(config, target, devices, mesh_spec=cli.mesh_spec(),
+                       batch_per_shard=f.batch_per_device, seq_len=f.seq_len,
+                       decode_batch_per_shard=f.decode_batch_per_device,
+                       prompt_len=f.prompt_len, max_new_tokens=f.max_new_tokens,
+                       cache_dtype=f.cache_dtype, serve_param_dtype=f.serve_param_dtype)
     domains = [targets.network_domain(d) for d in setup.mesh.devices.flat]
     entry = dict(target=target.name, description=target.describe(),
                  chip=dataclasses.asdict(target.chip),

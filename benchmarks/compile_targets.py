@@ -1,0 +1,166 @@
+"""The paper's 1B and 3B CLA2 train steps compiled for TPU slices, GPU nodes and one pod-scale
+target on this CPU host (cla_jax.aot), and MaxText's own compile of the same dimensions beside
+ours. Writes benchmarks/results/compile_targets_<date>_cpu-host.json and prints the tables.
+
+    python benchmarks/compile_targets.py                     # everything: about an hour on 2 cores
+    python benchmarks/compile_targets.py --only=v5p-8 --no_maxtext --no_largest
+
+Rows: memory per chip at 4 sequences of 2048 tokens per chip, the largest batch per chip that
+fits (found by compiling), collective bytes per step, the roofline step time and MFU bound.
+MaxText: `maxtext.trainers.pre_train.train_compile` at the same d_model, FFN, layers, heads,
+vocabulary, sequence, batch per chip and remat (both "full"), MQA without CLA (MaxText has
+none), with its defaults otherwise; cla-jax's MQA twin compiled beside it. MaxText runs in its
+own environment (benchmarks/peers/maxtext_env.sh: jax 0.12, libtpu 0.0.52); cla-jax in this
+one (jax 0.10.2, libtpu 0.0.42), so the two compilers differ; the results say which ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cla_jax.aot import stack  # noqa: E402
+
+stack.prepare_process()
+
+import jax  # noqa: E402
+
+from benchmarks.common import environment, today  # noqa: E402
+from cla_jax.aot import hlo, report, targets  # noqa: E402
+from cla_jax.aot.programs import make_setup  # noqa: E402
+from cla_jax.config import ModelConfig  # noqa: E402
+
+SEQ_LEN, PER_CHIP = 2048, 4
+RUNS = [  # (config, target, find the largest batch)
+    *((f"configs/paper/{scale}_h128_mqa_cla2.py", target, True)
+      for scale in ("1b", "3b")
+      for target in ("v5e-16", "v5p-8", "v6e-8", "8xh100", "8xh200")),
+    ("configs/paper/3b_h128_mqa_cla2.py", "2xv5p-128", False),  # data parallel across slices
+]
+MAXTEXT_RUNS = [("configs/paper/1b_h128_mqa.py", "v5p-8"), ("configs/paper/1b_h128_mqa.py",
+                                                           "v5e-16")]
+GIB = 2**30
+
+
+def load(path: str):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def ours(config_path: str, target_name: str, largest: bool, remat: str | None = None) -> dict:
+    config = load(config_path)
+    if remat:
+        config.model.remat = remat
+    target = targets.by_name(target_name)
+    devices = targets.compile_devices(target)
+    setup = make_setup(config, target, devices, batch_per_shard=PER_CHIP, seq_len=SEQ_LEN)
+    domains = [targets.network_domain(d) for d in setup.mesh.devices.flat]
+    result, _ = report.compile_program("train", setup, target, domains)
+    row = dict(config=config_path, target=target_name, remat=setup.model.remat,
+               mesh=dict(setup.mesh.shape), batch_per_chip=PER_CHIP, seq_len=SEQ_LEN,
+               train=result)
+    if largest:
+        row["largest_batch_per_chip"] = report.largest_batch("train", setup, target, domains)
+    print(describe(row), flush=True)
+    return row
+
+
+def describe(row: dict) -> str:
+    r = row["train"]
+    if r["status"] != "ok":
+        return f"{row['config']:<40} {row['target']:<10} {r['status']}: {r.get('error', '')[:200]}"
+    largest = row.get("largest_batch_per_chip", {}).get("largest", "-")
+    return (f"{pathlib.Path(row['config']).stem:<22} {row['target']:<10} "
+            f"{r['memory']['peak'] / GIB:7.2f} GiB/{r['hbm_bytes'] / GIB:5.1f} "
+            f"largest {largest!s:>4} | {r['collective_summary']['bytes_per_step'] / 1e9:7.2f} "
+            f"GB/step | {r['roofline']['step_s_lower_bound'] * 1e3:8.1f} ms "
+            f"({r['roofline']['bound_by']}) MFU <= {r['roofline']['mfu_upper_bound']:.2f}")
+
+
+def maxtext(config_path: str, target_name: str, out_dir: pathlib.Path) -> dict:
+    """MaxText's train_compile of config_path's dimensions, in MaxText's own environment."""
+    model = ModelConfig.from_dict(load(config_path).model)
+    target = targets.by_name(target_name)
+    prefix = out_dir / f"maxtext_{pathlib.Path(config_path).stem}_{target_name}"
+    overrides = [
+        f"compile_topology={target_name}", f"compile_topology_num_slices={target.slices}",
+        "run_name=aot", "decoder_block=llama2", f"vocab_size={model.vocab_size}",
+        f"base_emb_dim={model.d_model}", f"base_mlp_dim={model.mlp_dim}",
+        f"base_num_decoder_layers={model.num_layers}", f"base_num_query_heads={model.num_heads}",
+        f"base_num_kv_heads={model.num_kv_heads}", f"head_dim={model.head_dim}",
+        f"max_target_length={SEQ_LEN}", f"per_device_batch_size={PER_CHIP}",
+        "remat_policy=full", "dtype=bfloat16", "weight_dtype=float32", "scan_layers=true",
+        "ici_fsdp_parallelism=-1", "dataset_type=synthetic", "enable_checkpointing=false"]
+    command = (f". {ROOT}/benchmarks/peers/maxtext_env.sh && \"$MAXTEXT_VENV/bin/python\" "
+               f"{ROOT}/benchmarks/peers/maxtext_compile.py {prefix} " + " ".join(overrides))
+    start = time.perf_counter()
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    if run.returncode:
+        return dict(status="error", error=run.stderr[-2000:])
+    info = json.loads(prefix.with_suffix(".json").read_text())
+    program = hlo.Program(prefix.with_suffix(".hlo.txt").read_text())
+    domains = [0] * target.chips if target.slices == 1 else None
+    collectives = program.collectives(domains)
+    m = info["memory"]
+    m["peak"] = m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+    return dict(status="ok", compile_s=time.perf_counter() - start, memory=m,
+                collective_summary=report.collective_summary(collectives),
+                kernels=program.kernels(), jax=info["jax"], overrides=overrides)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated targets to run")
+    parser.add_argument("--no_maxtext", action="store_true")
+    parser.add_argument("--no_largest", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" /
+                       f"compile_targets_{today()}_cpu-host.json")
+    results = dict(benchmark="compile_targets", date=today(), environment=environment(),
+                   what=__doc__.split("\n\n")[0], seq_len=SEQ_LEN, batch_per_chip=PER_CHIP,
+                   rows=[], maxtext=[])
+
+    def save():
+        out.write_text(json.dumps(results, indent=1, default=str))
+
+    for config_path, target_name, largest in RUNS:
+        if only and target_name not in only:
+            continue
+        results["rows"].append(ours(config_path, target_name, largest and not args.no_largest))
+        save()
+    if not args.no_maxtext:
+        for config_path, target_name in MAXTEXT_RUNS:
+            if only and target_name not in only:
+                continue
+            mine = ours(config_path, target_name, False, remat="full")
+            theirs = maxtext(config_path, target_name, out.parent)
+            pair = dict(config=config_path, target=target_name, cla_jax=mine, maxtext=theirs)
+            if theirs["status"] == "ok" and mine["train"]["status"] == "ok":
+                a, b = mine["train"], theirs
+                pair["memory_ratio"] = a["memory"]["peak"] / b["memory"]["peak"]
+                pair["collective_bytes_ratio"] = (a["collective_summary"]["bytes_per_step"] /
+                                                  b["collective_summary"]["bytes_per_step"])
+                print(f"  vs MaxText on {target_name}: memory {pair['memory_ratio']:.2f}x, "
+                      f"collective bytes {pair['collective_bytes_ratio']:.2f}x", flush=True)
+            else:
+                print(f"  MaxText on {target_name}: {theirs.get('error', '')[-500:]}", flush=True)
+            results["maxtext"].append(pair)
+            save()
+    print(f"wrote {out} (jax {jax.__version__})")
+
+
+if __name__ == "__main__":
+    main()
