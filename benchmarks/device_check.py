@@ -114,6 +114,10 @@ KERNEL_TOLERANCE = {"output": 2e-2, "gradients": 5e-2}
 # decode == forward: the same maths through the cache, so float32 agrees to rounding; bf16
 # rounds activations and the cache at different points in the two paths.
 DECODE_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+# On a GPU, jax's default precision runs float32 matmuls as TF32 (10-bit mantissa, unit
+# roundoff 2^-11 = 4.9e-4), and Triton's dots do too: the H200 showed 5.3e-4 between the two
+# paths (2026-12-04, greedy tokens 99.9% equal). Four TF32 units there.
+GPU_FLOAT32_TOLERANCE = 2e-3
 REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")  # least recompute first
 SECTIONS = ("kernels", "decode_equals_forward", "train_step", "decode_roofline",
             "cla2_vs_cla1_decode")
@@ -313,11 +317,13 @@ def check_decode_equals_forward(s) -> dict:
             pieces.append(logits)
         cached = jnp.concatenate(pieces, axis=1)
         error = relative_error(cached, full)
-        runs[dtype] = dict(relative_error=error, tolerance=DECODE_TOLERANCE[dtype],
+        tolerance = (GPU_FLOAT32_TOLERANCE if dtype == "float32" and
+                     jax.default_backend() == "gpu" else DECODE_TOLERANCE[dtype])
+        runs[dtype] = dict(relative_error=error, tolerance=tolerance,
                            greedy_agreement=float(jnp.mean(
                                jnp.argmax(cached, -1) == jnp.argmax(full, -1))),
                            kernel_full_forward=_auto_kernel(config, t, causal_only=True))
-        status = status if error <= DECODE_TOLERANCE[dtype] else "fail"
+        status = status if error <= tolerance else "fail"
     return dict(status=status, batch=b, length=t, prompt=p, decode_steps=t - p,
                 model=paper_model(sz["config"]).to_dict(), runs=runs)
 
