@@ -70,8 +70,9 @@ def ours(config_path: str, target_name: str, largest: bool, remat: str | None = 
     row = dict(config=config_path, target=target_name, remat=setup.model.remat,
                mesh=dict(setup.mesh.shape), batch_per_chip=PER_CHIP, seq_len=SEQ_LEN,
                train=result)
-    if largest:
-        row["largest_batch_per_chip"] = report.largest_batch("train", setup, target, domains)
+    if largest and result["status"] == "ok":
+        row["largest_batch_per_chip"] = report.largest_batch(
+            "train", setup, target, domains, known={PER_CHIP: result["memory"]["peak"]})
     print(describe(row), flush=True)
     return row
 

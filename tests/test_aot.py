@@ -365,3 +365,37 @@ ENTRY %main (a: f32[8,16]) -> f32[2,16] {
     assert collective.kind == "reduce-scatter" and collective.group_size == 4
     assert [str(a) for a in collective.outputs] == ["f32[2,16]"]
     assert collective.bytes_per_run == 8 * 16 * 4 * 3 / 4
+
+
+def test_hbm_traffic_counts_what_in_place_and_sliced_operations_touch():
+    text = """HloModule m
+
+%update (p0: f32[100,64], p1: f32[1,64], p2: s32[]) -> f32[100,64] {
+  %p0 = f32[100,64] parameter(0)
+  %p1 = f32[1,64] parameter(1)
+  %p2 = s32[] parameter(2)
+  %zero = s32[] constant(0)
+  ROOT %u = f32[100,64] dynamic-update-slice(%p0, %p1, %p2, %zero)
+}
+
+%slice (q0: f32[100,64], q1: s32[]) -> f32[1,64] {
+  %q0 = f32[100,64] parameter(0)
+  %q1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %d = f32[1,64] dynamic-slice(%q0, %q1, %zero), dynamic_slice_sizes={1,64}
+}
+
+ENTRY %main (a: f32[100,64], b: f32[1,64], i: s32[]) -> (f32[100,64], f32[1,64]) {
+  %a = f32[100,64] parameter(0)
+  %b = f32[1,64] parameter(1)
+  %i = s32[] parameter(2)
+  %f = f32[100,64] fusion(%a, %b, %i), kind=kLoop, calls=%update
+  %g = f32[1,64] fusion(%f, %i), kind=kLoop, calls=%slice
+  %h = f32[1,64] add(%g, %b)
+  ROOT %t = (f32[100,64], f32[1,64]) tuple(%f, %h)
+}
+"""
+    row = 64 * 4
+    # The update writes one row in place (reading it and the index), the slice reads one row
+    # and writes it, the add reads two rows and writes one: never the 100-row buffer.
+    assert hlo.Program(text).hbm_traffic() == (2 * row + 4) + (2 * row + 4) + 3 * row

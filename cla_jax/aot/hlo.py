@@ -36,6 +36,8 @@ _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
 _CALLED = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _CALLED_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+# Where an in-place update's new values are among its operands (the rest: target, indices).
+_UPDATES = {"dynamic-update-slice": slice(1, 2), "scatter": slice(2, None)}
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
 
@@ -269,10 +271,12 @@ class Program:
 
     def hbm_traffic(self) -> float:
         """Bytes one device moves to and from HBM per run, estimated from the program: every
-        unfused operation (a fusion, a library call, a copy, a collective) reads each operand
-        and writes each result once, as many times as its computation runs. Control flow
+        unfused operation (a fusion, a library call, a copy, a collective) reads its operands
+        and writes its results once, as many times as its computation runs, except where an
+        operation touches only part of a buffer: a dynamic slice reads only the slice, an
+        in-place dynamic update or scatter reads and writes only the update. Control flow
         and views (while, call, tuple, get-tuple-element, bitcast, parameter, constant) move
-        nothing themselves. Caches can only lower the real figure."""
+        nothing themselves. On-chip caches can only lower the real figure."""
         views = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
                  "call", "conditional", "after-all", "partition-id", "replica-id")
         total = 0.0
@@ -280,10 +284,44 @@ class Program:
             if inst.opcode in views or inst.opcode.endswith("-done"):
                 continue
             runs, _ = self._runs.get(inst.computation, (1, False))
-            moved = sum(a.bytes for a in inst.results) + sum(
-                a.bytes for o in inst.operands for a in self._result_of(o))
-            total += moved * runs
+            total += self._bytes_moved(inst) * runs
         return total
+
+    def _bytes_moved(self, inst: Instruction) -> float:
+        operands = [sum(a.bytes for a in self._result_of(o)) for o in inst.operands]
+        results = sum(a.bytes for a in inst.results)
+        if inst.opcode == "dynamic-slice":
+            return 2 * results
+        if inst.opcode in ("dynamic-update-slice", "scatter"):
+            return 2 * sum(operands[_UPDATES[inst.opcode]]) + sum(operands[1:]) - sum(
+                operands[_UPDATES[inst.opcode]])
+        if inst.opcode != "fusion":
+            return results + sum(operands)
+        fused = next((callee for callee, _ in self._calls(inst)), None)
+        body = self.computations.get(fused, [])
+        params = {i.name: int(i.operands[0]) for i in body if i.opcode == "parameter"
+                  and i.operands and i.operands[0].isdigit()}
+        users = defaultdict(list)
+        for i in body:
+            for position, name in enumerate(i.operands):
+                users[name].append((i, position))
+        read = list(operands)
+        for name, index in params.items():  # parameters read only through dynamic slices
+            uses = users.get(name, [])
+            if index < len(read) and uses and all(
+                    u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
+                read[index] = sum(a.bytes for u, _ in uses for a in u.results)
+        root = body[-1] if body else None
+        written = results
+        if root is not None and root.opcode in ("dynamic-update-slice", "scatter") and \
+                root.operands and root.operands[0] in params:
+            target = params[root.operands[0]]  # updated in place: only the update moves
+            update = sum(a.bytes for name in root.operands[_UPDATES[root.opcode]]
+                         for a in (self.by_name[name].results if name in self.by_name else []))
+            if target < len(read):
+                read[target] = 0
+            written = update
+        return written + sum(read)
 
     def collectives(self, slice_of_device: list[int] | None = None) -> list[Collective]:
         """Every collective of the program. slice_of_device[i]: the slice (or node) of the

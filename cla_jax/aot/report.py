@@ -166,14 +166,15 @@ def compile_program(name: str, setup: Setup, target: Target, slice_of_device: li
 
 
 def largest_batch(name: str, setup: Setup, target: Target, slice_of_device: list[int],
-                  field: str = "batch_per_shard", limit: int = 4096) -> dict:
+                  field: str = "batch_per_shard", limit: int = 4096,
+                  known: dict[int, int] | None = None) -> dict:
     """The largest per-shard batch whose program fits, found by compiling: two sizes give
     the bytes a row adds (memory is affine in the batch), the estimate is compiled, then
     stepped one row at a time until the boundary is found. Multiples of grad accumulation
-    steps only, for train."""
+    steps only, for train. known: {batch: peak bytes} already compiled (the first size)."""
     unit = setup.train.grad_accum_steps if name == "train" else 1
     usable = int(target.chip.hbm_bytes * USABLE_FRACTION)
-    tried: dict[int, int | None] = {}
+    tried: dict[int, int | None] = dict(known or {})
 
     def peak(batch: int) -> int | None:
         if batch not in tried:
@@ -182,11 +183,14 @@ def largest_batch(name: str, setup: Setup, target: Target, slice_of_device: list
             tried[batch] = report["memory"]["peak"] if report["status"] == "ok" else None
         return tried[batch]
 
-    one, two = peak(unit), peak(2 * unit)
+    first = min(tried) if tried else unit
+    one, two = peak(first), peak(2 * first)
+    if one is None or one > usable:
+        first, one, two = unit, peak(unit), peak(2 * unit)
     if one is None or one > usable:
         return dict(largest=0, compiles=len(tried), peaks=tried)
-    per_row = max((two or usable * 2) - one, 1) / unit
-    guess = max(unit, min(limit, int((usable - one) / per_row + 1) // unit * unit))
+    per_row = max((two or usable * 2) - one, 1) / first
+    guess = max(unit, min(limit, int(first + (usable - one) / per_row) // unit * unit))
     fits = lambda b: peak(b) is not None and peak(b) <= usable  # noqa: E731
     batch = guess
     if fits(batch):
@@ -195,5 +199,5 @@ def largest_batch(name: str, setup: Setup, target: Target, slice_of_device: list
     else:
         while batch > unit and not fits(batch):
             batch -= unit
-    return dict(largest=batch if fits(batch) else 0, compiles=len(tried),
+    return dict(largest=batch if fits(batch) else 0, compiles=len(tried) - len(known or {}),
                 peaks={str(k): v for k, v in sorted(tried.items())})
