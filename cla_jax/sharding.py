@@ -34,6 +34,9 @@ DCN_AXES = tuple(f"dcn_{axis}" for axis in MESH_AXES)
 # while parameters (which have no batch) shard embed over fsdp. Size-1 mesh axes are left out.
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    # Rows split over data parallelism only, leaving fsdp to another dimension (the embedding
+    # gradient's d_model: see layers.embedding_lookup).
+    "data_batch": ("data",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),

@@ -344,6 +344,11 @@ def test_replica_groups_in_all_three_notations():
                                                                            [2, 5]]
     assert hlo.replica_groups("replica_groups=mesh['a'=2,'b'=3] {'b'}") == [[0, 1, 2],
                                                                            [3, 4, 5]]
+    # The mesh's devices in another order: ids [[0, 1, 2], [3, 4, 5]] transposed.
+    reordered = "replica_groups=mesh['a'=3,'b'=2], device_ids=([2,3]T(1,0)) {'a'}, dims={0}"
+    assert hlo.replica_groups(reordered) == [[0, 1, 2], [3, 4, 5]]
+    assert hlo.replica_groups("replica_groups=mesh['a'=3,'b'=2], device_ids=([2,3]T(1,0)) "
+                              "{'b'}") == [[0, 3], [1, 4], [2, 5]]
 
 
 def test_a_tpu_all_reduce_scatter_counts_as_the_reduce_scatter_it_is():
@@ -399,3 +404,37 @@ ENTRY %main (a: f32[100,64], b: f32[1,64], i: s32[]) -> (f32[100,64], f32[1,64])
     # The update writes one row in place (reading it and the index), the slice reads one row
     # and writes it, the add reads two rows and writes one: never the 100-row buffer.
     assert hlo.Program(text).hbm_traffic() == (2 * row + 4) + (2 * row + 4) + 3 * row
+
+
+def test_the_embedding_gradient_never_moves_every_row_or_the_whole_table(devices):
+    """data=2 x fsdp=4: each row's cotangent travels within its data group, and only the data
+    groups' table shards are summed."""
+    tiny = MODEL.replace(d_model=64, num_heads=2, head_dim=32, mlp_dim=128, vocab_size=512,
+                         max_seq_len=128)
+    setup = setup_for(devices["8xh100"], tiny, mesh={"data": 2, "fsdp": 4}, seq_len=128)
+    rows = ROWS * setup.batch_shards
+
+    whole = {f"{rows},{setup.seq_len},{tiny.d_model}]", f"{tiny.vocab_size},{tiny.d_model}]"}
+
+    def full_gathers(collectives):
+        """Collectives over all 8 devices that carry every row of the [rows, T, d_model]
+        cotangent or the whole [vocab, d_model] table gradient."""
+        return [c for c in collectives if c["group_size"] == 8 and any(
+            a.split("[")[1] in whole for a in c["inputs"] + c["outputs"])]
+
+    assert full_gathers(compiled("train", setup, "8xh100")["collectives"]) == []
+    # Negative control: the scatter-add left to GSPMD, as the backward pass had it.
+    mesh = setup.mesh
+    g = jax.ShapeDtypeStruct((rows, setup.seq_len, tiny.d_model), jnp.float32,
+                             sharding=sharding.batch_sharding(mesh))
+    ids = jax.ShapeDtypeStruct((rows, setup.seq_len), jnp.int32,
+                               sharding=sharding.batch_sharding(mesh))
+
+    def scatter_add(g, ids):
+        with sharding.activate(mesh):
+            table = jnp.zeros((tiny.vocab_size, tiny.d_model)).at[ids].add(g)
+            return sharding.constrain(table, ("vocab", "embed"))
+
+    text = jax.jit(scatter_add).lower(g, ids).compile().as_text()
+    gathered = [c.to_dict() for c in hlo.Program(text).collectives()]
+    assert full_gathers(gathered), gathered  # here: the whole table all-reduced over all 8

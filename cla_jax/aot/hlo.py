@@ -367,17 +367,33 @@ def _async_outputs(inst: Instruction, inputs: list[Array]) -> list[Array]:
     return results
 
 
+def _device_ids(text: str | None, count: int) -> np.ndarray:
+    """A mesh's device order: none given (0..n-1), an iota [dims] optionally transposed
+    T(perm), or a list of ids."""
+    if not text:
+        return np.arange(count)
+    iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text.strip())
+    if iota:
+        ids = np.arange(count).reshape([int(x) for x in iota[1].split(",")])
+        if iota[2]:
+            ids = ids.transpose([int(x) for x in iota[2].split(",")])
+        return ids.reshape(-1)
+    return np.array([int(x) for x in text.replace(" ", "").split(",") if x])
+
+
 def replica_groups(text: str) -> list[list[int]]:
     """The device groups of a collective, in any of HLO's three notations: explicit
     {{0,1},{2,3}}, iota [2,2]<=[4] (optionally transposed, T(1,0)), and mesh
-    mesh['a'=2,'b'=2] {'b'} (groups along the listed axes); source_target_pairs for a
+    mesh['a'=2,'b'=2] {'b'} (groups along the listed axes; `device_ids=(...)` after the
+    axes reorders the devices); source_target_pairs for a
     collective-permute give one group per pair."""
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", text)
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(((?:\[[\d,]+\]"
+                     r"(?:T\([\d,]+\))?)|[\d,\s]+)\))?\s*\{([^}]*)\}", text)
     if mesh:
         axes = re.findall(r"'([^']+)'=(\d+)", mesh[1])
         names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
-        chosen = [names.index(a) for a in re.findall(r"'([^']+)'", mesh[2])]
-        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        chosen = [names.index(a) for a in re.findall(r"'([^']+)'", mesh[3])]
+        ids = _device_ids(mesh[2], math.prod(sizes)).reshape(sizes)
         rest = [i for i in range(len(sizes)) if i not in chosen]
         group = math.prod(sizes[i] for i in chosen)
         return ids.transpose(rest + chosen).reshape(-1, group).tolist()

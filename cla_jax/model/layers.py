@@ -97,6 +97,13 @@ def _lookup_fwd(table_VD, tokens_BT, logical_axes, dtype, table_shape, table_dty
 
 
 def _lookup_bwd(logical_axes, dtype, table_shape, table_dtype, tokens_BT, g_BTD):
+    # Every row's cotangent goes to the devices holding its slice of d_model: rows split over
+    # data only, d_model over fsdp as in the table (an all-to-all within each data group);
+    # each device then adds its group's rows into its own slice of the table, and the data
+    # groups' partial tables are summed. Left to GSPMD, a mesh with data and fsdp both > 1
+    # gathered every row onto every device ("involuntary full rematerialization").
+    g_BTD = constrain(g_BTD, ("data_batch", "length", logical_axes[-1]))
+    tokens_BT = constrain(tokens_BT, ("data_batch", "length"))
     # The rows of a repeated token are summed in the master dtype too: a bf16 scatter-add of a
     # frequent token's hundreds of rows would round at every add.
     g_VD = jnp.zeros(table_shape, table_dtype).at[tokens_BT].add(g_BTD.astype(table_dtype),
