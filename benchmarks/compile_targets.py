@@ -46,6 +46,7 @@ RUNS = [  # (config, target, find the largest batch)
 MAXTEXT_RUNS = [("configs/paper/1b_h128_mqa.py", "v5p-8"), ("configs/paper/1b_h128_mqa.py",
                                                            "v5e-16")]
 GIB = 2**30
+HLO_DIR: pathlib.Path | None = None
 
 
 def load(path: str):
@@ -66,7 +67,11 @@ def ours(config_path: str, target_name: str, largest: bool, remat: str | None = 
     devices = targets.compile_devices(target)
     setup = make_setup(config, target, devices, batch_per_shard=PER_CHIP, seq_len=SEQ_LEN)
     domains = [targets.network_domain(d) for d in setup.mesh.devices.flat]
-    result, _ = report.compile_program("train", setup, target, domains)
+    result, compiled = report.compile_program("train", setup, target, domains)
+    if compiled is not None and HLO_DIR:  # for re-reading the programs later
+        HLO_DIR.mkdir(parents=True, exist_ok=True)
+        name = f"{pathlib.Path(config_path).stem}_{target_name}_{setup.model.remat}.hlo.txt"
+        (HLO_DIR / name).write_text(compiled.as_text())
     row = dict(config=config_path, target=target_name, remat=setup.model.remat,
                mesh=dict(setup.mesh.shape), batch_per_chip=PER_CHIP, seq_len=SEQ_LEN,
                train=result)
@@ -126,7 +131,10 @@ def main():
     parser.add_argument("--no_maxtext", action="store_true")
     parser.add_argument("--no_largest", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--hlo_dir", default=None, help="keep each train step's optimized HLO")
     args = parser.parse_args()
+    global HLO_DIR
+    HLO_DIR = pathlib.Path(args.hlo_dir) if args.hlo_dir else None
     only = set(filter(None, args.only.split(",")))
     out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" /
                        f"compile_targets_{today()}_cpu-host.json")

@@ -311,17 +311,41 @@ class Program:
             if index < len(read) and uses and all(
                     u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
                 read[index] = sum(a.bytes for u, _ in uses for a in u.results)
-        root = body[-1] if body else None
-        written = results
-        if root is not None and root.opcode in ("dynamic-update-slice", "scatter") and \
-                root.operands and root.operands[0] in params:
-            target = params[root.operands[0]]  # updated in place: only the update moves
-            update = sum(a.bytes for name in root.operands[_UPDATES[root.opcode]]
-                         for a in (self.by_name[name].results if name in self.by_name else []))
+        written = 0.0
+        for element in self._root_elements(body, inst):
+            target = self._in_place_target(element, params)
+            if target is None:
+                written += sum(a.bytes for a in element.results)
+                continue
+            # Updated in place (a dynamic update or scatter of a parameter): only the update
+            # is written, and the rest of that parameter is not read.
+            written += sum(a.bytes for name in element.operands[_UPDATES[element.opcode]]
+                           for a in self._result_of(name))
             if target < len(read):
                 read[target] = 0
-            written = update
         return written + sum(read)
+
+    def _root_elements(self, body: list[Instruction], fusion: Instruction):
+        """The instructions a fusion's root is made of: the root, or each element of a root
+        tuple, seen through bitcasts."""
+        if not body:
+            return []
+        local = {i.name: i for i in body}
+        root, elements = body[-1], []
+        for name in (root.operands if root.opcode == "tuple" else [root.name]):
+            element = local.get(name)
+            while element is not None and element.opcode in ("bitcast", "copy") and \
+                    element.operands and element.operands[0] in local:
+                element = local[element.operands[0]]
+            if element is not None:
+                elements.append(element)
+        return elements
+
+    @staticmethod
+    def _in_place_target(element: Instruction, params: dict[str, int]) -> int | None:
+        if element.opcode in _UPDATES and element.operands and element.operands[0] in params:
+            return params[element.operands[0]]
+        return None
 
     def collectives(self, slice_of_device: list[int] | None = None) -> list[Collective]:
         """Every collective of the program. slice_of_device[i]: the slice (or node) of the
