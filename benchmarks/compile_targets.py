@@ -125,11 +125,109 @@ def maxtext(config_path: str, target_name: str, out_dir: pathlib.Path) -> dict:
                 kernels=program.kernels(), jax=info["jax"], overrides=overrides)
 
 
+def ours_in_maxtext_env(config_path: str, target_name: str, out_dir: pathlib.Path) -> dict:
+    """cla-compile of the same step under MaxText's jax and libtpu: one compiler for both."""
+    out = out_dir / f"cla_jax_in_maxtext_env_{pathlib.Path(config_path).stem}_{target_name}.json"
+    command = (f". {ROOT}/benchmarks/peers/maxtext_env.sh && CLA_ALLOW_STACK_MISMATCH=1 "
+               f"PYTHONPATH={ROOT} \"$MAXTEXT_VENV/bin/python\" -m cla_jax.scripts.compile "
+               f"--config={ROOT / config_path} --config.model.remat=full --target={target_name}"
+               f" --programs=train --batch_per_device={PER_CHIP} --seq_len={SEQ_LEN} "
+               f"--out={out}")
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    if run.returncode:
+        return dict(status="error", error=run.stderr[-2000:])
+    return json.loads(out.read_text())["targets"][0]["programs"]["train"]
+
+
+def compare_with_maxtext(config_path: str, target_name: str, out_dir: pathlib.Path) -> dict:
+    mine = ours(config_path, target_name, False, remat="full")
+    same_compiler = ours_in_maxtext_env(config_path, target_name, out_dir)
+    theirs = maxtext(config_path, target_name, out_dir)
+    pair = dict(config=config_path, target=target_name, cla_jax=mine,
+                cla_jax_same_compiler=same_compiler, maxtext=theirs)
+    for name, result in (("", mine["train"]), ("same_compiler_", same_compiler)):
+        if theirs["status"] == "ok" and result["status"] == "ok":
+            pair[f"{name}memory_ratio"] = result["memory"]["peak"] / theirs["memory"]["peak"]
+            pair[f"{name}collective_bytes_ratio"] = (
+                result["collective_summary"]["bytes_per_step"] /
+                theirs["collective_summary"]["bytes_per_step"])
+    print(f"  vs MaxText on {target_name}: {json.dumps({k: round(v, 3) for k, v in pair.items() if k.endswith('ratio')})}"
+          if theirs["status"] == "ok" else f"  MaxText: {theirs.get('error', '')[-500:]}",
+          flush=True)
+    return pair
+
+
+def reanalyse(results: dict, hlo_dir: pathlib.Path) -> None:
+    """Each row's collectives and roofline read again from its kept HLO (after a change to the
+    reader), in place; memory and the largest batch come from XLA and stay."""
+    import types
+
+    for row in results["rows"]:
+        result = row["train"]
+        path = hlo_dir / f"{pathlib.Path(row['config']).stem}_{row['target']}_{row['remat']}.hlo.txt"
+        if result["status"] != "ok" or not path.exists():
+            continue
+        target = targets.by_name(row["target"])
+        # The mesh's device order puts dcn_data outermost: slice after slice.
+        domains = [i // target.chips_per_slice for i in range(target.chips)]
+        program = hlo.Program(path.read_text())
+        collectives = program.collectives(domains)
+        summary = report.collective_summary(collectives)
+        old = result["roofline"]
+        tokens = old["tokens_per_s_upper_bound"] * old["step_s_lower_bound"]
+        stub = types.SimpleNamespace(model_flops=old["model_flops_per_step"], tokens=tokens)
+        result["collectives"] = [c.to_dict() for c in collectives]
+        result["collective_summary"] = summary
+        result["roofline"] = report.roofline(target, stub, program.hbm_traffic(), summary)
+
+
+def markdown(results: dict) -> str:
+    """The results as the README's tables."""
+    lines = ["| model | target | mesh | peak memory per chip (HBM) | largest batch per chip | "
+             "collective GB per step | roofline step | MFU bound |", "|---" * 8 + "|"]
+    for row in results["rows"]:
+        r = row["train"]
+        if r["status"] != "ok":
+            lines.append(f"| {pathlib.Path(row['config']).stem} | {row['target']} | | "
+                         f"{r['status']} | | | | |")
+            continue
+        mesh = " x ".join(f"{k}={v}" for k, v in row["mesh"].items() if v > 1)
+        largest = row.get("largest_batch_per_chip", {}).get("largest", "not searched")
+        roof = r["roofline"]
+        lines.append(
+            f"| {pathlib.Path(row['config']).stem.replace('_h128_mqa_cla2', ' H128-MQA-CLA2')}"
+            f" | {row['target']} | {mesh} | {r['memory']['peak'] / GIB:.1f} GiB "
+            f"({r['hbm_bytes'] / GIB:.0f}) | {largest} | "
+            f"{r['collective_summary']['bytes_per_step'] / 1e9:.2f} | "
+            f"{roof['step_s_lower_bound'] * 1e3:.0f} ms ({roof['bound_by']}) | "
+            f"{roof['mfu_upper_bound']:.2f} |")
+    if results.get("maxtext"):
+        lines += ["", "| model, remat full | target | compiler | cla-jax peak / MaxText | "
+                  "cla-jax collective bytes / MaxText |", "|---" * 5 + "|"]
+        for pair in results["maxtext"]:
+            theirs = pair["maxtext"]
+            for label, key in (("each its own", ""), ("MaxText's (jax 0.12)", "same_compiler_")):
+                if f"{key}memory_ratio" in pair:
+                    mine = pair["cla_jax"]["train"] if not key else pair["cla_jax_same_compiler"]
+                    lines.append(
+                        f"| {pathlib.Path(pair['config']).stem} | {pair['target']} | {label} | "
+                        f"{pair[key + 'memory_ratio']:.2f} ({mine['memory']['peak'] / GIB:.2f}"
+                        f" / {theirs['memory']['peak'] / GIB:.2f} GiB) | "
+                        f"{pair[key + 'collective_bytes_ratio']:.2f} "
+                        f"({mine['collective_summary']['bytes_per_step'] / 1e9:.2f} / "
+                        f"{theirs['collective_summary']['bytes_per_step'] / 1e9:.2f} GB) |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated targets to run")
     parser.add_argument("--no_maxtext", action="store_true")
     parser.add_argument("--no_largest", action="store_true")
+    parser.add_argument("--table", action="store_true",
+                        help="print the existing results file as markdown tables and exit")
+    parser.add_argument("--maxtext_only", action="store_true",
+                        help="only the MaxText comparison, into the existing results file")
     parser.add_argument("--out", default=None)
     parser.add_argument("--hlo_dir", default=None, help="keep each train step's optimized HLO")
     args = parser.parse_args()
@@ -145,8 +243,18 @@ def main():
     def save():
         out.write_text(json.dumps(results, indent=1, default=str))
 
+    if args.table:
+        results = json.loads(out.read_text())
+        if args.hlo_dir:
+            reanalyse(results, pathlib.Path(args.hlo_dir))
+            save_to = out
+            save_to.write_text(json.dumps(results, indent=1, default=str))
+        print(markdown(results))
+        return
+    if args.maxtext_only and out.exists():
+        results = {**json.loads(out.read_text()), "maxtext": []}
     for config_path, target_name, largest in RUNS:
-        if only and target_name not in only:
+        if only and target_name not in only or args.maxtext_only:
             continue
         results["rows"].append(ours(config_path, target_name, largest and not args.no_largest))
         save()
@@ -154,19 +262,8 @@ def main():
         for config_path, target_name in MAXTEXT_RUNS:
             if only and target_name not in only:
                 continue
-            mine = ours(config_path, target_name, False, remat="full")
-            theirs = maxtext(config_path, target_name, out.parent)
-            pair = dict(config=config_path, target=target_name, cla_jax=mine, maxtext=theirs)
-            if theirs["status"] == "ok" and mine["train"]["status"] == "ok":
-                a, b = mine["train"], theirs
-                pair["memory_ratio"] = a["memory"]["peak"] / b["memory"]["peak"]
-                pair["collective_bytes_ratio"] = (a["collective_summary"]["bytes_per_step"] /
-                                                  b["collective_summary"]["bytes_per_step"])
-                print(f"  vs MaxText on {target_name}: memory {pair['memory_ratio']:.2f}x, "
-                      f"collective bytes {pair['collective_bytes_ratio']:.2f}x", flush=True)
-            else:
-                print(f"  MaxText on {target_name}: {theirs.get('error', '')[-500:]}", flush=True)
-            results["maxtext"].append(pair)
+            results["maxtext"].append(compare_with_maxtext(config_path, target_name,
+                                                           out.parent))
             save()
     print(f"wrote {out} (jax {jax.__version__})")
 

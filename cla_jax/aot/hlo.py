@@ -236,10 +236,19 @@ class Program:
             return {}
         visit(self.entry)
         runs[self.entry] = 1
+        body_trips: dict[str, int] = {}  # a while body -> its loop's trips
         for name in reversed(order):
             for inst in self.computations[name]:
                 for callee, trips in self._calls(inst):
-                    runs[callee] += runs[name] * trips
+                    if inst.opcode == "while":
+                        body_trips[callee] = trips
+                    share = runs[name] * trips
+                    if callee.startswith("async_collective_fusion") and name in body_trips:
+                        # TPU: a collective fused into a loop body (e.g. the next layer's
+                        # weight gather inside a windowed einsum's loop) is one collective
+                        # spread over the loop's trips, not one per trip.
+                        share = max(1, runs[name] // body_trips[name])
+                    runs[callee] += share
                     looped[callee] |= looped[name] or inst.opcode == "while"
         return {name: (runs[name], looped[name]) for name in order}
 
@@ -284,12 +293,19 @@ class Program:
             if inst.opcode in views or inst.opcode.endswith("-done"):
                 continue
             runs, _ = self._runs.get(inst.computation, (1, False))
+            callee = next((c for c, _ in self._calls(inst)), "")
+            if inst.opcode == "fusion" and callee.startswith("async_collective_fusion"):
+                runs = self._runs.get(callee, (runs, False))[0]  # see _runs_per_step
             total += self._bytes_moved(inst) * runs
         return total
 
     def _bytes_moved(self, inst: Instruction) -> float:
         operands = [sum(a.bytes for a in self._result_of(o)) for o in inst.operands]
         results = sum(a.bytes for a in inst.results)
+        if inst.opcode.endswith("-start"):  # ((operands), results, context): operands once
+            inputs = [a for o in inst.operands for a in self._result_of(o)]
+            if inst.results[:len(inputs)] == inputs:
+                results = sum(a.bytes for a in inst.results[len(inputs):] if a.shape)
         if inst.opcode == "dynamic-slice":
             return 2 * results
         if inst.opcode in ("dynamic-update-slice", "scatter"):

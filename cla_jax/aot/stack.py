@@ -23,6 +23,9 @@ import subprocess
 import sys
 
 ENV_DIR = "CLA_COMPILE_STACK"
+# Set to 1 to compile with a stack whose version differs from jax's pin (e.g. MaxText's
+# environment: jax 0.12.0.1 with libtpu 0.0.52); missing packages are still an error.
+ENV_ALLOW_MISMATCH = "CLA_ALLOW_STACK_MISMATCH"
 CUDNN = "nvidia-cudnn-cu12>=9.8,<10"  # what jax-cuda12-plugin[with-cuda] asks for
 
 
@@ -98,14 +101,16 @@ def check(platform: str) -> None:
         version = _installed_version(package)
         if version is None:
             problems.append(f"{package} is not installed")
-        elif package != "nvidia-cudnn-cu12" and not _matches(wanted[package], version):
+        elif package != "nvidia-cudnn-cu12" and not _matches(wanted[package], version) and \
+                os.environ.get(ENV_ALLOW_MISMATCH) != "1":
             problems.append(f"{package} {version} does not match jax "
                             f"{importlib.metadata.version('jax')} (it needs {wanted[package]})")
     if problems:
         command = " ".join(install_command()[2:])
         raise StackError(f"cannot compile for {platform.upper()}: {'; '.join(problems)}. "
                          f"Install the pinned stack with `python -m cla_jax.aot.stack install` "
-                         f"(= python -m {command}), or `make compile-stack` in a checkout")
+                         f"(= python -m {command}), or `make compile-stack` in a checkout; "
+                         f"{ENV_ALLOW_MISMATCH}=1 compiles with a mismatched version anyway")
 
 
 def main(argv: list[str] | None = None) -> int:
