@@ -80,7 +80,20 @@ def _config_package_roots(argv) -> list[str]:
     return roots
 
 
+def _expand_home(argv) -> list[str]:
+    """`--flag=~/path` with the `~` expanded: bash expands a `~` that starts a word, but not
+    one after `=`, so `--config=~/cla-jax/configs/x.py` would reach us as a literal `~`."""
+    expanded = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if arg.startswith("-") and sep and (value == "~" or value.startswith("~/")):
+            arg = f"{name}={os.path.expanduser(value)}"
+        expanded.append(arg)
+    return expanded
+
+
 def _parse_flags(argv):
+    argv = _expand_home(argv)
     sys.path[1:1] = _config_package_roots(argv)
     try:
         rest = flags.FLAGS(argv)
