@@ -151,7 +151,6 @@ def load_model(workdir, step, random_init: bool, config, seed: int = 0):
     from cla_jax import checkpoint, sharding  # noqa: PLC0415
     from cla_jax.config import ModelConfig  # noqa: PLC0415
     from cla_jax.model import abstract_params, init_params  # noqa: PLC0415
-    from cla_jax.storage import as_path  # noqa: PLC0415
     if random_init:
         if config is None:
             raise UserError("--random_init needs --config=configs/<file>.py")
@@ -161,7 +160,7 @@ def load_model(workdir, step, random_init: bool, config, seed: int = 0):
         return "random init", config, model, mesh, params
     if workdir is None:
         raise UserError("give --workdir (a training run) or --random_init --config=...")
-    return checkpoint.restore_model(as_path(workdir) / "checkpoints", step, mesh_spec())
+    return checkpoint.restore_model(workdir, step, mesh_spec())
 
 
 def initialize_distributed() -> None:
