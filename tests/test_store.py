@@ -500,3 +500,24 @@ def test_prepare_command_builds_and_audits_the_store(tmp_path):
     assert "rebuilt damaged shard files (crc32 mismatch): ['00001.train.tokens']" in \
         repaired.stdout
     assert "every shard matches its crc32" in repaired.stdout and shard.read_bytes() == good
+
+
+@pytest.mark.parametrize("source, name", [
+    ("shakespeare", "shakespeare"), ("tfds:lm1b", "lm1b"), ("tfds:wiki40b/en", "wiki40b-en"),
+    ("files:/data/fineweb/**/*.jsonl.zst", "fineweb"), ("files:my_texts/*.txt", "my_texts"),
+    ("files:gs://bucket/web/part-*.parquet", "part"), ("files:*.txt", "files"),
+])
+def test_an_unset_data_name_follows_the_source(source, name):
+    assert corpus_lib.settings({"source": source})["name"] == name
+    assert corpus_lib.settings({"source": source, "name": "mine"})["name"] == "mine"
+
+
+def test_runs_are_ignored_by_git():
+    """Every README example writes under runs/: a clone must not offer them for commit."""
+    import pathlib
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: .gitignore is not in use here")
+    for path in ("runs/cla2/checkpoints/0", "workdir/demo/metrics.jsonl"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0, path
