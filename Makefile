@@ -34,11 +34,14 @@ compile-stack: $(STACK)/installed
 test: $(VENV)/installed $(STACK)/installed
 	$(PY) -m pytest
 
-# The accelerator check (benchmarks/device_check.py) on whatever platform jax sees, with the
-# Python on the path and no venv (the GPU machine brings its own jax); it writes
-# benchmarks/results/device_check_<date>_<device>.json. DEVICE_CHECK_ARGS=--out=... etc.
+# The accelerator check (benchmarks/device_check.py) on whatever platform jax sees: with the
+# .venv that `make demo` / `make test` built when there is one, else the Python on the path
+# (a GPU machine that brings its own jax); it never builds the venv, whose jax is CPU-only. It
+# writes benchmarks/results/device_check_<date>_<device>.json. DEVICE_CHECK_ARGS=--out=... etc.
+DEVICE_CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
 device-check:
-	$(PYTHON) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
+	$(DEVICE_CHECK_PY) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)

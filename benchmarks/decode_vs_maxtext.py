@@ -1,14 +1,14 @@
 """Decode step time side by side with MaxText's inference engine, on the peer reference model.
 
-    PYTHONPATH=. python benchmarks/decode_vs_maxtext.py             # needs ../shared/peers/
+    PYTHONPATH=. python benchmarks/decode_vs_maxtext.py             # MaxText via benchmarks/peers/
 
-Model: ../shared/peers/' reference (Llama-style MQA, d_model 256, 4 layers, 4 heads of 64,
+Model: benchmarks/peers/' reference (Llama-style MQA, d_model 256, 4 layers, 4 heads of 64,
 1 KV head, SwiGLU 1024, vocab 32000, float32, random weights); batch 8, 64-token prompts,
 64 new tokens, greedy. cla-jax runs it as CLA1 (the same model) and its CLA2 twin.
 
 Each round times cla-jax's `generate` (median of --repeats; decode step = (time of 64 new
 tokens - time of 1) / 63, so prefill drops out) and then one run of MaxText's MaxEngine
-(../shared/peers/maxtext_decode.sh: prefill + insert 8 slots, then 63 generate steps; its
+(benchmarks/peers/maxtext_decode.sh: prefill + insert 8 slots, then 63 generate steps; its
 median ms per generate step over 3 rounds). The ratio is taken within each round and the
 median over rounds reported: the machines are shared and noisy.
 

@@ -1,4 +1,4 @@
-"""The MaxText peer (../shared/peers/): its reference model and a runner for its scripts.
+"""The MaxText peer (benchmarks/peers/): its reference model and a runner for its scripts.
 
 The scripts install MaxText 0.2.5 into its own Python 3.12 environment outside the repo on
 first use (about 3 GB, a few minutes) and run it on the CPU.
@@ -8,7 +8,7 @@ import pathlib
 import subprocess
 import tempfile
 
-PEERS = pathlib.Path(__file__).parents[2] / "shared" / "peers"
+PEERS = pathlib.Path(__file__).resolve().parent / "peers"
 # The peer model in cla-jax's terms: Llama-style MQA, untied output, float32.
 REFERENCE = dict(vocab_size=32000, d_model=256, num_layers=4, num_heads=4, num_kv_heads=1,
                  head_dim=64, mlp_dim=1024, kv_sharing=1, rope_base=10000.0, norm_eps=1e-5,
@@ -17,10 +17,10 @@ REFERENCE = dict(vocab_size=32000, d_model=256, num_layers=4, num_heads=4, num_k
 
 
 def run_peer(script: str, **env_overrides: str) -> str:
-    """Runs ../shared/peers/<script> and returns its output; raises with its tail on failure."""
+    """Runs benchmarks/peers/<script> and returns its output; raises with its tail on failure."""
     if not (PEERS / script).is_file():
         raise FileNotFoundError(f"{PEERS / script} not found: the MaxText peer scripts live "
-                                "in ../shared/peers/ next to this repository")
+                                "in benchmarks/peers/ of this repository")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if "PY312" not in env:  # a pyenv shim named python3.12 may exist and still not run
         root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip() \

@@ -5,7 +5,7 @@
     PYTHONPATH=. python benchmarks/train_throughput.py --config=configs/paper/1b_h128_mqa_cla2.py \
         --batch_size=8 --seq_len=2048                                 # GPU: the 1B model
 
-The reference model is the one ../shared/peers/ runs MaxText on: Llama-style MQA, d_model 256,
+The reference model is the one benchmarks/peers/ runs MaxText on: Llama-style MQA, d_model 256,
 4 layers, 4 heads of 64, 1 KV head, SwiGLU 1024, vocab 32000, sequence 256, batch 8, float32,
 AdamW, scan on, synthetic tokens. cla-jax runs it as CLA1 (the same model) and as its CLA2 twin.
 
@@ -45,7 +45,7 @@ flags.DEFINE_integer("batch_size", 8, "Batch size.")
 flags.DEFINE_integer("seq_len", 256, "Sequence length.")
 flags.DEFINE_integer("steps", 10, "Timed steps per model per round.")
 flags.DEFINE_integer("rounds", 3, "Rounds (matmul rate, every model, MaxText).")
-flags.DEFINE_bool("maxtext", False, "Also time MaxText 0.2.5 (../shared/peers/maxtext_train.sh) "
+flags.DEFINE_bool("maxtext", False, "Also time MaxText 0.2.5 (benchmarks/peers/maxtext_train.sh) "
                   "on the reference model in every round.")
 flags.DEFINE_string("remat", None, "Override model.remat.")
 flags.DEFINE_string("out", None, "Results JSON (default: benchmarks/results/...).")

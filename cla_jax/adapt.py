@@ -106,7 +106,7 @@ def adapt_checkpoint(from_workdir, step: int | None, config: ml_collections.Conf
                      workdir, recipe: str = "keep") -> epath.Path:
     """Writes step 0 of a new run in `workdir`: `config`'s model with params converted from
     the checkpoint in `from_workdir`, and a fresh optimizer state. Returns its directory."""
-    source_dir = as_path(from_workdir) / "checkpoints"
+    source_dir = checkpoint.checkpoints_of(from_workdir)
     target_dir = as_path(workdir) / "checkpoints"
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; use one of {RECIPES}")

@@ -343,6 +343,14 @@ def restore_state(directory: epath.PathLike, step: int, abstract_state, meta: di
     return abstract_state.replace(step=step_array, params=params, opt_state=opt_state)
 
 
+def checkpoints_of(directory: epath.PathLike) -> epath.Path:
+    """A run directory's `checkpoints/` (what --workdir names), or `directory` itself when it
+    is the checkpoints directory: the readers below take either."""
+    directory = as_path(directory)
+    inside = directory / "checkpoints"
+    return inside if inside.is_dir() else directory
+
+
 def _other_steps_advice(directory: epath.Path, step: int) -> str:
     others = [s for s in good_steps(directory) if s != step]
     if not others:
@@ -354,8 +362,8 @@ def _chosen_step(directory: epath.Path, step: int | None) -> int:
     """`step`, or the newest committed one, checked to exist (damaged or not)."""
     steps = committed_steps(directory)
     if not steps:
-        raise CheckpointError(f"no usable checkpoint in {directory}; train first, or point "
-                              "--workdir at a directory holding one")
+        raise CheckpointError(f"no usable checkpoint in {directory}; train first, or give "
+                              "the directory of a training run (its --workdir)")
     if step is None:
         return steps[-1]
     if step not in steps:
@@ -369,7 +377,7 @@ def _chosen_step(directory: epath.Path, step: int | None) -> int:
 
 def read_meta(directory: epath.PathLike, step: int | None = None) -> tuple[int, dict]:
     """(step, verified meta) of a step (default: the newest) without touching arrays."""
-    directory = as_path(directory)
+    directory = checkpoints_of(directory)
     step = _chosen_step(directory, step)
     try:
         return step, _read_meta(directory, step)
@@ -381,7 +389,7 @@ def read_meta(directory: epath.PathLike, step: int | None = None) -> tuple[int, 
 def restore_params(directory: epath.PathLike, step: int, abstract_params):
     """Only the params of `step`, placed like `abstract_params`, verified against the step's
     meta when it has one (a bare params item is restored unverified)."""
-    directory = as_path(directory)
+    directory = checkpoints_of(directory)
     has_meta = (directory / str(step) / "meta").is_dir()
     meta = _read_meta(directory, step) if has_meta else None
     return _restore_item(directory, step, "params", abstract_params, meta)
@@ -408,10 +416,11 @@ class RestoredModel(NamedTuple):
 
 def restore_model(directory: epath.PathLike, step: int | None = None,
                   mesh=None) -> RestoredModel:
-    """The one way eval, generate and adapt read a run: config and verified params of `step`
+    """The one way eval, generate and adapt read a run (its directory or its checkpoints/):
+    config and verified params of `step`
     (default: the newest; a damaged one is refused, naming the others) onto `mesh` (a Mesh,
     a mesh spec {axis: size}, or None for the run's config.mesh)."""
-    directory = as_path(directory)
+    directory = checkpoints_of(directory)
     step = _chosen_step(directory, step)
     try:
         meta = _read_meta(directory, step)

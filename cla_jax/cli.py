@@ -80,7 +80,20 @@ def _config_package_roots(argv) -> list[str]:
     return roots
 
 
+def _expand_home(argv) -> list[str]:
+    """`--flag=~/path` with the `~` expanded: bash expands a `~` that starts a word, but not
+    one after `=`, so `--config=~/cla-jax/configs/x.py` would reach us as a literal `~`."""
+    expanded = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if arg.startswith("-") and sep and (value == "~" or value.startswith("~/")):
+            arg = f"{name}={os.path.expanduser(value)}"
+        expanded.append(arg)
+    return expanded
+
+
 def _parse_flags(argv):
+    argv = _expand_home(argv)
     sys.path[1:1] = _config_package_roots(argv)
     try:
         rest = flags.FLAGS(argv)
@@ -138,7 +151,6 @@ def load_model(workdir, step, random_init: bool, config, seed: int = 0):
     from cla_jax import checkpoint, sharding  # noqa: PLC0415
     from cla_jax.config import ModelConfig  # noqa: PLC0415
     from cla_jax.model import abstract_params, init_params  # noqa: PLC0415
-    from cla_jax.storage import as_path  # noqa: PLC0415
     if random_init:
         if config is None:
             raise UserError("--random_init needs --config=configs/<file>.py")
@@ -148,7 +160,7 @@ def load_model(workdir, step, random_init: bool, config, seed: int = 0):
         return "random init", config, model, mesh, params
     if workdir is None:
         raise UserError("give --workdir (a training run) or --random_init --config=...")
-    return checkpoint.restore_model(as_path(workdir) / "checkpoints", step, mesh_spec())
+    return checkpoint.restore_model(workdir, step, mesh_spec())
 
 
 def initialize_distributed() -> None:

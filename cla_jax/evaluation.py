@@ -36,7 +36,6 @@ from cla_jax.data import eval_batches, num_eval_batches
 from cla_jax.data.corpus import prepare_corpus
 from cla_jax.data.packing import document_spans, pack_spans, span_rows, strided_spans
 from cla_jax.errors import UserError
-from cla_jax.storage import as_path
 from cla_jax.train.step import make_eval_step, two_sum
 
 PROTOCOLS = ("windows", "strided", "documents")
@@ -220,7 +219,7 @@ def evaluate_checkpoint(workdir, cache_dir, step: int | None = None, split: str 
     with the model's size, KV bytes/token and the split's unigram perplexity. mesh_spec None
     = the run's config.mesh."""
     check_protocol(protocol, stride)
-    run = checkpoint.restore_model(as_path(workdir) / "checkpoints", step, mesh_spec)
+    run = checkpoint.restore_model(workdir, step, mesh_spec)
     step, config, model, mesh = run.step, run.config, run.model, run.mesh
     seq_len, batch = config.train.seq_len, batch_size or config.train.batch_size
     check_protocol(protocol, stride, seq_len)

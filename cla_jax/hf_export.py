@@ -132,7 +132,7 @@ def export_checkpoint(workdir, out_dir, step: int | None = None,
     directory `out_dir`; returns it."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
-    ckpt_dir, out_dir = as_path(workdir) / "checkpoints", as_path(out_dir)
+    ckpt_dir, out_dir = checkpoint.checkpoints_of(workdir), as_path(out_dir)
     try:
         step, meta = checkpoint.read_meta(ckpt_dir, step)
     except checkpoint.CheckpointError as error:

@@ -130,7 +130,7 @@ class ClaJaxLM(TemplateLM):
         if (distributed or coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")) \
                 and not jax.distributed.is_initialized():
             jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        run = checkpoint.restore_model(as_path(workdir) / "checkpoints", step, _mesh_spec(mesh))
+        run = checkpoint.restore_model(workdir, step, _mesh_spec(mesh))
         self.run, self.params, self.mesh = run, run.params, run.mesh
         self.tokenizer = corpus_tokenizer(run.config.data, as_path(cache_dir).expanduser(),
                                           max_vocab_size=run.model.vocab_size)

@@ -34,6 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
         source="shakespeare", validation_source="", text_field="text",
         train_split="train", validation_split="validation", validation_fraction=0.1,
         tokenizer="bpe:4096", tokenizer_sample_bytes=100_000_000,
-        name="shakespeare", data_dir="", prepare_workers=0,
+        name="", data_dir="", prepare_workers=0,  # "" = named after the source
     ))
     return config

@@ -337,3 +337,18 @@ def test_an_optimizer_state_of_another_structure_is_one_error_and_nothing_is_set
     with pytest.raises(checkpoint.StructureMismatchError, match="another structure"):
         train_and_evaluate(config, run, cache)
     assert snapshot(run / "checkpoints") == before
+
+
+def test_readers_take_a_run_directory_or_its_checkpoints(trained, tmp_path):
+    """restore_model("workdir/demo") as well as ".../checkpoints" (it once wanted the latter and
+    said the run held no checkpoint); a directory with neither is one error naming it."""
+    _, run, _ = trained
+    from_run = checkpoint.restore_model(run, mesh=sharding.single_device_mesh())
+    from_checkpoints = checkpoint.restore_model(run / "checkpoints",
+                                                mesh=sharding.single_device_mesh())
+    assert from_run.step == from_checkpoints.step == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_run.params),
+                 jax.device_get(from_checkpoints.params))
+    assert checkpoint.read_meta(run)[0] == checkpoint.read_meta(run / "checkpoints")[0] == 6
+    with pytest.raises(checkpoint.CheckpointError, match=f"no usable checkpoint in {tmp_path}"):
+        checkpoint.restore_model(tmp_path)

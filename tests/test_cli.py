@@ -27,6 +27,9 @@ FAILING_MAIN = textwrap.dedent("""
 
     def main(argv):
         kind = flags.FLAGS.fail_with
+        if kind == "show_paths":
+            print(flags.FLAGS.workdir, flags.FLAGS.config.train.steps)
+            return
         if kind == "user_error":
             raise UserError("train.steps must be > 0;\\n set --config.train.steps")
         if kind == "missing_path":
@@ -71,6 +74,20 @@ def failing_main(tmp_path_factory):
 ])
 def test_a_user_error_is_one_line_and_exit_2(failing_main, kind, words):
     assert_one_error_line(run([failing_main, f"--fail_with={kind}"]), *words)
+
+
+def test_a_tilde_after_the_equals_sign_is_the_home_directory(failing_main, tmp_path):
+    """bash leaves `~` alone after `=`: the command lines expand it themselves."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.py").write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'train': {'steps': 7}})\n")
+    result = subprocess.run(
+        [sys.executable, failing_main, "--fail_with=show_paths", "--config=~/configs/tiny.py",
+         "--workdir=~/runs/x"], cwd=ROOT, env={**ENV, "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(tmp_path / "runs" / "x"), "7"]
 
 
 def test_a_config_file_that_does_not_load_is_one_line_and_exit_2(failing_main):

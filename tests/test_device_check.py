@@ -4,6 +4,7 @@ the check cannot rot while no GPU is lent; and its restated paper model against 
 file."""
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -86,3 +87,21 @@ def test_device_check_runs_on_cpu_without_tfds_grain_or_ml_collections(tmp_path)
     assert cla["cla2_over_cla1_batch"] == 2.0  # half the KV bytes per token
     assert cla["runs"]["cla2"]["batch"] == decode["batch"]
     assert all(r["tokens_per_s"] > 0 for r in cla["runs"].values())
+
+
+def test_make_device_check_uses_the_venv_when_there_is_one(tmp_path):
+    """`make demo` / `make test` build .venv; `make device-check` on the same machine must use
+    it (it once ran python3, which has no jax there), and python3 where there is no venv."""
+    (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
+
+    def command() -> str:
+        env = {k: v for k, v in os.environ.items()  # as typed: not inside `make test`'s make
+               if k not in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        result = subprocess.run(["make", "-n", "device-check"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, check=True)
+        return result.stdout.strip()
+
+    assert command() == "python3 benchmarks/device_check.py"
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()
+    assert command() == ".venv/bin/python benchmarks/device_check.py"

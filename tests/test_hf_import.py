@@ -363,3 +363,19 @@ def test_safetensors_written_here_read_back_in_every_dtype(tmp_path):
         assert read["w"].dtype == want_dtype
         np.testing.assert_array_equal(np.asarray(read["w"], np.float32), values)
         np.testing.assert_array_equal(np.asarray(read["b"], np.float32), values[0])
+
+
+def test_an_imported_run_set_to_a_files_source_names_its_corpus_after_it(imported, tmp_path):
+    """The imported config once kept the demo's data.name, so a files: corpus was stored
+    as shakespeare-<key>; an unset name now follows the source."""
+    from cla_jax.data.corpus import prepare_corpus
+    workdir, model, _ = imported("mha")
+    namespace = {}
+    exec((workdir / "config.py").read_text(), namespace)
+    config = namespace["get_config"]()
+    (tmp_path / "my_texts").mkdir()
+    (tmp_path / "my_texts" / "a.txt").write_text("To be, or not to be.\n" * 50)
+    (tmp_path / "my_texts" / "b.txt").write_text("All the world's a stage.\n" * 50)
+    config.data.source = f"files:{tmp_path}/my_texts/*.txt"  # as --config.data.source=... does
+    corpus = prepare_corpus(config.data, tmp_path / "cache", max_vocab_size=model.vocab_size)
+    assert corpus.store.directory.name.startswith("my_texts-"), corpus.store.directory

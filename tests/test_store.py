@@ -325,6 +325,77 @@ def test_tfds_source_reads_a_local_tfds_dataset(tmp_path):
         np.testing.assert_array_equal(np.asarray(built.split(split)), expected)
 
 
+# A registered TFDS builder, as the catalogue's datasets are (tfds:lm1b). It is written into a
+# package, not defined in this module: TFDS locates a packaged builder's code through
+# importlib_resources, a dependency it imports only then, so a builder in a top-level module
+# would not notice a broken install that every catalogue dataset hits.
+REGISTERED_BUILDER = """
+import tensorflow_datasets as tfds
+
+TEXTS = {texts!r}
+
+
+class ClaToyCorpus(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict({{"text": tfds.features.Text()}}))
+
+    def _split_generators(self, dl_manager):
+        return {{"train": self._generate_examples(TEXTS[:7]),
+                 "test": self._generate_examples(TEXTS[7:])}}
+
+    def _generate_examples(self, texts):
+        for index, text in enumerate(texts):
+            yield index, {{"text": text}}
+"""
+
+
+@pytest.fixture
+def registered_tfds_builder(tmp_path, monkeypatch):
+    """Registers the builder above (name cla_toy_corpus); returns its documents."""
+    texts = _docs(10, seed=7)
+    package = tmp_path / "cla_toy_tfds"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "toy_corpus.py").write_text(REGISTERED_BUILDER.format(texts=texts))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    importlib.import_module("cla_toy_tfds.toy_corpus")
+    return texts
+
+
+def test_tfds_source_builds_and_reads_a_registered_builder_offline(tmp_path,
+                                                                   registered_tfds_builder):
+    """`tfds:<name>` of a registered builder: tfds prepares it under data_dir (no network:
+    the builder generates its records; no TensorFlow: array_record), then the store holds
+    each record of each split once (in TFDS's stored order, a hash of the keys)."""
+    texts = registered_tfds_builder
+    plan = sources.plan("tfds:cla_toy_corpus", data_dir=tmp_path / "tfds",
+                        validation_split="test")
+    built = store.build_store(tmp_path / "store", plan, BYTE, workers=1, progress=False,
+                              read_kwargs={"data_dir": str(tmp_path / "tfds")})
+    for split, docs in (("train", texts[:7]), ("validation", texts[7:])):
+        stream = np.asarray(built.split(split))
+        starts = np.flatnonzero(stream == BOS_ID)
+        stored = [BYTE.decode(piece[1:].tolist()) for piece in np.split(stream, starts[1:])]
+        assert sorted(stored) == sorted(docs)
+
+
+def test_an_import_failure_inside_tfds_is_reported_as_a_broken_install(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from cla_jax.errors import InstallError
+
+    def broken(*args, **kwargs):  # what a missing lazy dependency of tfds raises
+        raise ModuleNotFoundError("No module named 'importlib_resources'",
+                                  name="importlib_resources")
+    monkeypatch.setattr(tfds, "data_source", broken)
+    with pytest.raises(InstallError, match="broken install.*pip install importlib_resources"):
+        sources.plan("tfds:lm1b", data_dir=tmp_path)
+
+
 def test_store_is_reused_and_named_by_source_and_tokenizer(tmp_path):
     pattern, _ = _write(tmp_path / "in", "jsonl", files=6, per_file=10)
     data = ml_collections.ConfigDict(dict(source=f"files:{pattern}", text_field="content",
@@ -429,3 +500,24 @@ def test_prepare_command_builds_and_audits_the_store(tmp_path):
     assert "rebuilt damaged shard files (crc32 mismatch): ['00001.train.tokens']" in \
         repaired.stdout
     assert "every shard matches its crc32" in repaired.stdout and shard.read_bytes() == good
+
+
+@pytest.mark.parametrize("source, name", [
+    ("shakespeare", "shakespeare"), ("tfds:lm1b", "lm1b"), ("tfds:wiki40b/en", "wiki40b-en"),
+    ("files:/data/fineweb/**/*.jsonl.zst", "fineweb"), ("files:my_texts/*.txt", "my_texts"),
+    ("files:gs://bucket/web/part-*.parquet", "part"), ("files:*.txt", "files"),
+])
+def test_an_unset_data_name_follows_the_source(source, name):
+    assert corpus_lib.settings({"source": source})["name"] == name
+    assert corpus_lib.settings({"source": source, "name": "mine"})["name"] == "mine"
+
+
+def test_runs_are_ignored_by_git():
+    """Every README example writes under runs/: a clone must not offer them for commit."""
+    import pathlib
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: .gitignore is not in use here")
+    for path in ("runs/cla2/checkpoints/0", "workdir/demo/metrics.jsonl"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0, path

@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -168,15 +169,20 @@ def test_eval_nll_matches_an_independent_numpy_loop(tmp_path, corpus_glob):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("bad_step, saved, says", [
+    (6, [4], "its newest checkpoint is step 4 (nothing later was saved)"),
+    (3, [], "the run has no checkpoint yet"),  # once claimed a checkpoint "after step 2"
+])
 def test_non_finite_loss_names_its_step_among_several_pending(tmp_path, corpus_glob,
-                                                              monkeypatch):
+                                                              monkeypatch, bad_step, saved, says):
     """Steps 5, 6, 7 run ahead unchecked between the checkpoint at 4 and the one due at 8; the
     loss turns NaN at step 6 (injected into the real step's metrics, on device, without a
-    sync): the error must name step 6, not the step at which it was noticed."""
+    sync): the error must name step 6, not the step at which it was noticed, and the
+    checkpoint a resume would start from (or that there is none)."""
     import jax.numpy as jnp
 
     from cla_jax.train import loop
-    bad_step, real_make_train_step = 6, loop.make_train_step
+    real_make_train_step = loop.make_train_step
 
     def make_poisoned_train_step(*args, **kwargs):
         real_step = real_make_train_step(*args, **kwargs)
@@ -190,10 +196,9 @@ def test_non_finite_loss_names_its_step_among_several_pending(tmp_path, corpus_g
     monkeypatch.setattr(loop, "make_train_step", make_poisoned_train_step)
     config = tiny_config(corpus_glob, steps=12, log_every=100, eval_every=100,
                          checkpoint_every=4)
-    with pytest.raises(NonFiniteLossError, match=f"at step {bad_step}; no checkpoint was "
-                                                 f"written after step {bad_step - 1}"):
+    with pytest.raises(NonFiniteLossError, match=re.escape(f"at step {bad_step}; {says}")):
         train_and_evaluate(config, tmp_path / "run", tmp_path / "cache")
-    assert checkpoint.good_steps(tmp_path / "run" / "checkpoints") == [4]
+    assert checkpoint.good_steps(tmp_path / "run" / "checkpoints") == saved
 
 
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, corpus_glob):

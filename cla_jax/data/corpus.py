@@ -9,7 +9,9 @@ config.data (defaults in DATA_DEFAULTS; a run saved before a field existed gets 
   tokenizer               "bpe:<vocab>" (trained on a sample of the train split), "byte", or a
                           SentencePiece .model / Hugging Face tokenizer.json path
   tokenizer_sample_bytes  text the BPE trains on, drawn evenly across the corpus
-  name                    a label: the store's directory starts with it
+  name                    a label: the store's and tokenizer's directories start with it
+                          ("" = named after the source: shakespeare, the TFDS name, or the
+                          folder of a files: glob)
   data_dir                stores, trained tokenizers and TFDS data (default
                           <cache_dir>/datasets); a local path or gs://
   prepare_workers         tokenizing processes per host (0 = one per CPU core)
@@ -33,7 +35,7 @@ from cla_jax.errors import UserError
 DATA_DEFAULTS = dict(
     source="shakespeare", validation_source="", text_field="text", train_split="train",
     validation_split="validation", validation_fraction=0.1, tokenizer="bpe:4096",
-    tokenizer_sample_bytes=100_000_000, name="shakespeare", data_dir="", prepare_workers=0,
+    tokenizer_sample_bytes=100_000_000, name="", data_dir="", prepare_workers=0,
 )
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -75,6 +77,7 @@ def settings(data) -> dict:
         raise DataConfigError(f"config.data has unknown fields {unknown}; known: "
                               f"{sorted(DATA_DEFAULTS)}")
     merged = {**DATA_DEFAULTS, **given}
+    merged["name"] = merged["name"] or name_of_source(merged["source"])
     if not _NAME.match(merged["name"]):
         raise DataConfigError(f"data.name {merged['name']!r} must be letters, digits, '_', '.' "
                               "or '-' (it names a directory)")
@@ -82,6 +85,16 @@ def settings(data) -> dict:
         raise DataConfigError("data.tokenizer_sample_bytes must be at least 1 MiB, got "
                               f"{merged['tokenizer_sample_bytes']}")
     return merged
+
+
+def name_of_source(source: str) -> str:
+    """A label for a source's store: "shakespeare", a TFDS dataset's name, or the last folder
+    of a files: glob before any wildcard ("files:/data/fineweb/**/*.zst" -> "fineweb")."""
+    kind, _, rest = source.partition(":")
+    if kind == "files":
+        rest = re.split(r"[*?\[]", rest, maxsplit=1)[0].rstrip("/").rsplit("/", 1)[-1]
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", rest or kind).strip("-.")
+    return label or "corpus"
 
 
 def _data_dir(s: dict, cache_dir) -> epath.Path:

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 
 from etils import epath
 
-from cla_jax.errors import UserError
+from cla_jax.errors import InstallError, UserError
 from cla_jax.storage import is_remote
 
 TRAIN, VALIDATION = "train", "validation"
@@ -403,9 +403,20 @@ def _shakespeare_pieces(name: str, cache_dir):
 
 
 def _tfds_source(name: str, split: str, data_dir):
-    import tensorflow_datasets as tfds  # noqa: PLC0415
     try:
-        return tfds.data_source(name, split=split, data_dir=str(data_dir) or None)
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+    except ImportError as error:
+        raise InstallError("tensorflow-datasets (for data.source tfds:)", error) from error
+    try:
+        # array_record, also when TFDS prepares a catalogue dataset the first time: it is the
+        # format data_source reads, and TFDS writes its default (tfrecord) only through
+        # TensorFlow, which this project does not install.
+        return tfds.data_source(name, split=split, data_dir=str(data_dir) or None,
+                                builder_kwargs={"file_format": "array_record"})
+    except ImportError as error:
+        # TFDS imports some of its own dependencies lazily, when a builder is first used
+        # (importlib_resources for a catalogue dataset's code path): that is a broken install.
+        raise InstallError(f"tensorflow-datasets (opening {name!r})", error) from error
     except tfds.core.registered.DatasetNotFoundError:
         raise SourceError(f"no TFDS dataset {name!r} in the catalogue nor under {data_dir}") \
             from None

@@ -41,6 +41,15 @@ def say(message: str) -> None:
         tqdm.write(message)
 
 
+def _after_divergence(last_saved: int | None) -> str:
+    """What a diverged run leaves behind, and what to do next."""
+    advice = "lower train.learning_rate or raise train.warmup_fraction"
+    if last_saved is None:
+        return f"the run has no checkpoint yet: {advice}, then start it again"
+    return (f"its newest checkpoint is step {last_saved} (nothing later was saved): {advice}, "
+            "then run again with the same --workdir to resume from it")
+
+
 def check_train_config(train, model: ModelConfig, mesh) -> None:
     """Everything that can be refused before data is built or anything compiles."""
     if train.steps <= 0:
@@ -206,6 +215,7 @@ def train_and_evaluate(config, workdir, cache_dir,
     stop = _StopOnSigterm()
     last_step = min(train.steps, stop_at_step or train.steps)
     pending, interval_start, last_eval = [], time.perf_counter(), None
+    last_saved = resumed.step if resumed else None
     bar = tqdm(total=train.steps, initial=step, desc="train", unit="step",
                disable=jax.process_index() != 0)
     try:
@@ -226,8 +236,7 @@ def train_and_evaluate(config, workdir, cache_dir,
                     bad = step - len(fetched) + offset + 1
                     raise NonFiniteLossError(
                         f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {bad}; "
-                        f"no checkpoint was written after step {bad - 1}. Lower "
-                        "train.learning_rate or raise warmup, then resume from the last one")
+                        + _after_divergence(last_saved))
             tokens = sum(float(m["tokens"]) for m in fetched)
             record = {"loss": float(np.mean([m["loss"] for m in fetched])),
                       "grad_norm": float(fetched[-1]["grad_norm"]),
@@ -243,12 +252,13 @@ def train_and_evaluate(config, workdir, cache_dir,
                 last_eval = validation_metrics(eval_step, state.params, corpus, train, mesh,
                                                train.eval_batches)
                 writer.write(step, "eval", last_eval)
-                bar.write(f"step {step}: train loss {record['loss']:.3f}, validation loss "
+                say(f"step {step}: train loss {record['loss']:.3f}, validation loss "
                           f"{last_eval['mean_nll']:.3f} ppl {last_eval['perplexity']:.2f} "
                           f"bits/byte {last_eval['bits_per_byte']:.3f}")
             if save:
                 checkpointer.save(step, state, {"data": data.get_state(), "data_order": order,
                                                 "config": config.to_dict()})
+                last_saved = step
             pending, interval_start = [], time.perf_counter()
             if stopping:
                 break
