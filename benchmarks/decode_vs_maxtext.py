@@ -25,7 +25,7 @@ from flax import linen as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 from benchmarks.common import environment, median_seconds, today, write_results  # noqa: E402
-from benchmarks.peers import REFERENCE, run_peer  # noqa: E402
+from benchmarks.maxtext_peer import REFERENCE, run_peer  # noqa: E402
 from cla_jax.config import ModelConfig  # noqa: E402
 from cla_jax.decoding import Sampling, generate  # noqa: E402
 from cla_jax.model import init_params  # noqa: E402

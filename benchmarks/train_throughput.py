@@ -32,7 +32,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 from benchmarks.common import environment, model_from_config_file, today, write_results  # noqa: E402
-from benchmarks.peers import REFERENCE, run_peer  # noqa: E402
+from benchmarks.maxtext_peer import REFERENCE, run_peer  # noqa: E402
 from cla_jax.config import ModelConfig, num_params, train_flops_per_token  # noqa: E402
 from cla_jax.train.metrics import peak_flops  # noqa: E402
 from cla_jax.train.optimizer import make_optimizer  # noqa: E402

@@ -41,7 +41,7 @@ def test_the_maxtext_peer_scripts_ship_in_the_repository():
     import re
     import subprocess
 
-    from benchmarks import peers
+    from benchmarks import maxtext_peer as peers
     root = pathlib.Path(__file__).resolve().parents[1]
     assert peers.PEERS == root / "benchmarks" / "peers"
     called = set()
