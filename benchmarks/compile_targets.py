@@ -75,9 +75,10 @@ def ours(config_path: str, target_name: str, largest: bool, remat: str | None = 
     row = dict(config=config_path, target=target_name, remat=setup.model.remat,
                mesh=dict(setup.mesh.shape), batch_per_chip=PER_CHIP, seq_len=SEQ_LEN,
                train=result)
-    if largest and result["status"] == "ok":
-        row["largest_batch_per_chip"] = report.largest_batch(
-            "train", setup, target, domains, known={PER_CHIP: result["memory"]["peak"]})
+    if largest and result["status"] in ("ok", "does not fit"):  # then from one row up
+        known = {PER_CHIP: result["memory"]["peak"]} if result["status"] == "ok" else None
+        row["largest_batch_per_chip"] = report.largest_batch("train", setup, target, domains,
+                                                             known=known)
     print(describe(row), flush=True)
     return row
 
@@ -94,11 +95,21 @@ def describe(row: dict) -> str:
             f"({r['roofline']['bound_by']}) MFU <= {r['roofline']['mfu_upper_bound']:.2f}")
 
 
+def other_env() -> dict:
+    """This process's environment without what loading our libtpu put there (jax sets
+    TPU_LIBRARY_PATH to it): MaxText's environment must find its own libtpu."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("TPU_LIBRARY_PATH",
+                                                               "TF_CPP_MIN_LOG_LEVEL")}
+
+
 def maxtext(config_path: str, target_name: str, out_dir: pathlib.Path) -> dict:
     """MaxText's train_compile of config_path's dimensions, in MaxText's own environment."""
     model = ModelConfig.from_dict(load(config_path).model)
     target = targets.by_name(target_name)
     prefix = out_dir / f"maxtext_{pathlib.Path(config_path).stem}_{target_name}"
+    hlo_file = (HLO_DIR or pathlib.Path("/tmp")) / prefix.with_suffix(".hlo.txt").name
     overrides = [
         f"compile_topology={target_name}", f"compile_topology_num_slices={target.slices}",
         "run_name=aot", "decoder_block=llama2", f"vocab_size={model.vocab_size}",
@@ -111,11 +122,13 @@ def maxtext(config_path: str, target_name: str, out_dir: pathlib.Path) -> dict:
     command = (f". {ROOT}/benchmarks/peers/maxtext_env.sh && \"$MAXTEXT_VENV/bin/python\" "
                f"{ROOT}/benchmarks/peers/maxtext_compile.py {prefix} " + " ".join(overrides))
     start = time.perf_counter()
-    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                         env=other_env())
     if run.returncode:
         return dict(status="error", error=run.stderr[-2000:])
     info = json.loads(prefix.with_suffix(".json").read_text())
-    program = hlo.Program(prefix.with_suffix(".hlo.txt").read_text())
+    prefix.with_suffix(".hlo.txt").replace(hlo_file)  # MB of text: kept outside the results
+    program = hlo.Program(hlo_file.read_text())
     domains = [0] * target.chips if target.slices == 1 else None
     collectives = program.collectives(domains)
     m = info["memory"]
@@ -133,7 +146,8 @@ def ours_in_maxtext_env(config_path: str, target_name: str, out_dir: pathlib.Pat
                f"--config={ROOT / config_path} --config.model.remat=full --target={target_name}"
                f" --programs=train --batch_per_device={PER_CHIP} --seq_len={SEQ_LEN} "
                f"--out={out}")
-    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                         env=other_env())
     if run.returncode:
         return dict(status="error", error=run.stderr[-2000:])
     return json.loads(out.read_text())["targets"][0]["programs"]["train"]
