@@ -403,6 +403,7 @@ class HFModelTokenizer(HFTokenizer):
                             "needs one to end a generation")
         self.eos_id, self.bos_id, self.pad_id = eos[0], (ids("bos") or eos)[0], \
             (ids("pad") or eos)[0]
+        self.eos_ids = tuple(dict.fromkeys(eos))
         self._stop_ids = tuple(dict.fromkeys(eos + [self.bos_id]))
         bad = sorted({i for i in (self.pad_id, *self._stop_ids) if not 0 <= i < self.vocab_size})
         if bad:
@@ -410,6 +411,9 @@ class HFModelTokenizer(HFTokenizer):
                             f"{self.vocab_size} ids")
         ids_text = json.dumps([self.pad_id, self.bos_id, self._stop_ids]).encode()
         self._identity = f"hfmodel{self.vocab_size}-{_short_hash(self._raw + ids_text)}"
+        special_map = directory / "special_tokens_map.json"
+        self._tokenizer_tokens = {**(json.loads(special_map.read_text())
+                                     if special_map.is_file() else {}), **tokenizer_config}
 
     def __reduce__(self):
         return type(self), (self._model_dir,)
@@ -423,6 +427,20 @@ class HFModelTokenizer(HFTokenizer):
     def stop_ids(self) -> tuple[int, ...]:
         """Every eos id of the model, then bos."""
         return self._stop_ids
+
+    def tokenizer_token_id(self, key: str) -> int | None:
+        """The id of the tokenizer's own `key` token ("bos", "eos"), as tokenizer_config.json
+        and special_tokens_map.json name it: transformers' `tokenizer.bos_token_id`, which can
+        differ from the model's config.json (Llama 3.2 Instruct: eos <|eot_id|>, model eos ids
+        128001, 128008, 128009), and is None where the tokenizer names none."""
+        token = self._tokenizer_tokens.get(f"{key}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        return self._tokenizer.token_to_id(token) if token else None
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """The ids with the special tokens tokenizer.json's post-processor adds (Llama 3's
+        <|begin_of_text|>, none for GPT-2-style BPE): transformers' `encode(text)` default."""
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
 
 
 def _as_list(value) -> list:
