@@ -2,6 +2,7 @@
 
     python eval.py --workdir=workdir/demo            # latest checkpoint, validation split
     python eval.py --workdir=workdir/demo --step=400 --split=train
+    python eval.py --workdir=workdir/demo --source='files:texts/*.txt' --seq_lens=64,128
 
 The command itself is cla_jax/scripts/eval.py (also installed as `cla-eval`).
 """

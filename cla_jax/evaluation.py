@@ -27,13 +27,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from cla_jax import checkpoint, sharding
-from cla_jax.config import kv_bytes_per_token, num_params
-from cla_jax.data import eval_batches, num_eval_batches
-from cla_jax.data.corpus import prepare_corpus
+from cla_jax.config import ModelConfig, kv_bytes_per_token, num_params
+from cla_jax.data import eval_batches, num_eval_batches, sources
+from cla_jax.data.corpus import DATA_DEFAULTS, prepare_corpus
 from cla_jax.data.packing import document_spans, pack_spans, span_rows, strided_spans
 from cla_jax.errors import UserError
 from cla_jax.train.step import make_eval_step, two_sum
@@ -107,11 +108,11 @@ def metrics(nll: float, tokens: int, num_bytes: int, words: int | None = None) -
 
 
 def evaluate(eval_step: Callable, params, batches: Iterable[dict], num_batches: int | None = None,
-             progress: bool = True, words: int | None = None) -> dict:
+             progress: bool = True, words: int | None = None, desc: str = "eval") -> dict:
     """Streams `batches` through `eval_step` (see train.step.make_eval_step), sums on device
     and reads the totals once: `metrics` of the scored targets. No batch: all zero."""
     totals, in_flight = None, collections.deque()
-    for batch in tqdm(batches, total=num_batches, desc="eval", unit="batch",
+    for batch in tqdm(batches, total=num_batches, desc=desc, unit="batch",
                       disable=not progress, leave=False):
         totals = accumulate(totals, eval_step(params, batch))
         in_flight.append(totals)
@@ -142,13 +143,13 @@ def span_batches(stream: Sequence[int], spans: np.ndarray, seq_len: int, batch_s
 
 def evaluate_spans(eval_step: Callable, params, stream: Sequence[int], spans: np.ndarray,
                    seq_len: int, batch_size: int, bos_id: int, mesh=None, progress: bool = True,
-                   words: int | None = None) -> dict:
+                   words: int | None = None, desc: str = "eval") -> dict:
     """`evaluate` over the spans (see cla_jax.data.packing) of a stream."""
     share = sharding.data_share(mesh) if mesh is not None else (0, 1)
     batches, num_batches = span_batches(stream, spans, seq_len, batch_size, bos_id, *share)
     if mesh is not None:
         batches = (sharding.global_batch(b, mesh) for b in batches)
-    return evaluate(eval_step, params, batches, num_batches, progress, words)
+    return evaluate(eval_step, params, batches, num_batches, progress, words, desc)
 
 
 def evaluate_documents(eval_step: Callable, params, documents: Sequence[Sequence[int]],
@@ -199,7 +200,8 @@ def split_words(tokenizer, tokens: np.ndarray, bos_indices: np.ndarray,
 
 
 def check_protocol(protocol: str, stride: int | None, seq_len: int | None = None) -> None:
-    """Refuses a protocol and stride that do not go together (before any work)."""
+    """Refuses a protocol and stride that do not go together (before any work); seq_len: the
+    shortest length evaluated."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol={protocol} is not one of {', '.join(PROTOCOLS)}")
     if protocol != "strided" and stride is not None:
@@ -209,42 +211,159 @@ def check_protocol(protocol: str, stride: int | None, seq_len: int | None = None
                         "1 to the run's train.seq_len")
     if stride is not None and (stride <= 0 or (seq_len is not None and stride > seq_len)):
         raise UserError(f"--stride={stride} must be in 1..{seq_len or 'train.seq_len'} (at "
-                        "most the window length)")
+                        "most the window length, the shortest of --seq_lens)")
 
 
-def evaluate_checkpoint(workdir, cache_dir, step: int | None = None, split: str = "validation",
+# --- What to evaluate: the source, its split, the lengths ------------------------------------
+
+WHOLE = "all"  # --split: every document of the source
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    """--seq_lens "512,1024,2048" (or --seq_len 512) -> [512, 1024, 2048], repeats dropped."""
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seq_lens={text} is not a comma-separated list of token counts; "
+                        "give e.g. --seq_lens=512,1024,2048") from None
+    if min(lengths) <= 0:
+        raise UserError(f"--seq_lens={text}: every length must be a positive number of tokens; "
+                        "give e.g. --seq_lens=512,1024,2048")
+    return list(dict.fromkeys(lengths))
+
+
+def check_seq_lens(seq_lens: Sequence[int], max_seq_len: int) -> None:
+    """Refuses a length past the model's max_seq_len: positions past it were never trained
+    (and past an imported model's max_position_embeddings, its RoPE was never meant to go)."""
+    longer = [n for n in seq_lens if n > max_seq_len]
+    if longer:
+        raise UserError(f"--seq_lens: {', '.join(map(str, longer))} is past the model's "
+                        f"max_seq_len ({max_seq_len}, the longest context its RoPE positions "
+                        f"cover); give lengths up to {max_seq_len}")
+
+
+def check_source(source: str) -> None:
+    """Refuses a --source that is no kind of source, or a files: glob matching no file (before
+    any work; a tfds: name is looked up when it is planned)."""
+    if source == "shakespeare" or (source.startswith("tfds:") and len(source) > len("tfds:")):
+        return
+    if source.startswith("files:"):
+        if not sources.list_files(source.removeprefix("files:")):
+            raise UserError(f"--source={source} matches no file; give a glob of .txt, "
+                            ".jsonl[.gz|.zst] or .parquet files, e.g. "
+                            "--source='files:corpus/*.jsonl'")
+        return
+    raise UserError(f"--source={source} is not a source: give files:<glob> (text, "
+                    "jsonl[.gz|.zst] or parquet files, local or gs://), tfds:<name> or "
+                    "shakespeare")
+
+
+def eval_data(run_data, source: str | None = None, text_field: str | None = None,
+              split: str | None = None) -> tuple[dict, str, str, bool]:
+    """What eval reads, from the run's config.data and the --source/--text_field/--split flags:
+    (config.data to prepare, the split as named, the store's split to read, whole).
+
+    No flags: the run's own data, its validation split (as eval.py always did). A files: or
+    shakespeare source has the splits "all" (every document, a single file included: the
+    default for a source other than the run's), "validation" and "train" (held out as training
+    would hold them out). A tfds: source's split is a TFDS split name (default validation;
+    "all" is every split), read whole; "validation" and "train" of the run's own TFDS source are
+    the run's splits, as training made them.
+    whole: the store holds every document of the split asked for, in its validation split.
+    """
+    data = {**DATA_DEFAULTS, **dict(run_data)}  # a run saved before a field existed
+    own = data["source"]
+    source = source or own
+    if source != own:
+        check_source(source)
+        data.update(source=source, validation_source="", name="")  # the run's corpus's labels
+    if text_field:
+        data["text_field"] = text_field
+    tfds = source.startswith("tfds:")
+    if split is None:
+        split = sources.VALIDATION if source == own or tfds else WHOLE
+    runs_splits = (sources.TRAIN, sources.VALIDATION)
+    if tfds:
+        if ":" in split:
+            raise UserError(f"--split={split}: a TFDS split with ':' cannot be read; give a "
+                            "split name, e.g. --split=test")
+        if source == own and split in runs_splits:
+            return data, split, split, False
+        data["validation_split"] = split
+        return data, split, sources.VALIDATION, True
+    if split not in (WHOLE, *runs_splits):
+        raise UserError(f"--split={split}: {source} has the splits all (every document), "
+                        "validation and train; TFDS split names go with --source=tfds:<name>")
+    return data, split, (sources.VALIDATION if split == WHOLE else split), split == WHOLE
+
+
+def evaluate_checkpoint(workdir, cache_dir, step: int | None = None, split: str | None = None,
                         batch_size: int | None = None, mesh_spec=None,
-                        protocol: str = "windows", stride: int | None = None) -> dict:
+                        protocol: str = "windows", stride: int | None = None, *,
+                        source: str | None = None, text_field: str | None = None,
+                        seq_len: int | None = None) -> dict:
+    """eval.py's work at one length (default: train.seq_len); see `evaluate_lengths`."""
+    (results,) = evaluate_lengths(workdir, cache_dir, step, split, batch_size, mesh_spec,
+                                  protocol, stride, source=source, text_field=text_field,
+                                  seq_lens=None if seq_len is None else [seq_len])
+    return results
+
+
+def evaluate_lengths(workdir, cache_dir, step: int | None = None, split: str | None = None,
+                     batch_size: int | None = None, mesh_spec=None, protocol: str = "windows",
+                     stride: int | None = None, *, source: str | None = None,
+                     text_field: str | None = None,
+                     seq_lens: Sequence[int] | None = None) -> list[dict]:
     """eval.py's work: a run's checkpoint (default: latest) over a whole split by `protocol`,
-    with the model's size, KV bytes/token and the split's unigram perplexity. mesh_spec None
-    = the run's config.mesh."""
+    once per length of `seq_lens` (default: [train.seq_len]), with the model's size, KV
+    bytes/token and the split's unigram perplexity (None for a source read whole: it has no
+    train split). mesh_spec None = the run's config.mesh.
+
+    source, text_field, split: what to read (see `eval_data`; default: the run's own data and
+    its validation split). The tokenizer is always the run's; the token store of (source,
+    tokenizer) is built once under the run's data_dir and reused by every later call. Every
+    setting is checked against the checkpoint's config before its params are read.
+    """
     check_protocol(protocol, stride)
+    step, meta = checkpoint.read_meta(workdir, step)  # the config only: no arrays read yet
+    config = ml_collections.ConfigDict(meta["config"])
+    max_seq_len = ModelConfig.from_dict(config.model).max_seq_len
+    seq_lens = list(seq_lens or [config.train.seq_len])
+    check_seq_lens(seq_lens, max_seq_len)
+    check_protocol(protocol, stride, min(seq_lens))
+    data, split, read_split, whole = eval_data(config.data, source, text_field, split)
     run = checkpoint.restore_model(workdir, step, mesh_spec)
-    step, config, model, mesh = run.step, run.config, run.model, run.mesh
-    seq_len, batch = config.train.seq_len, batch_size or config.train.batch_size
-    check_protocol(protocol, stride, seq_len)
+    model, mesh = run.model, run.mesh
+    batch = batch_size or config.train.batch_size
     sharding.check_batch(batch, mesh, "the eval batch size (--batch_size)")
-    corpus = prepare_corpus(config.data, cache_dir, max_vocab_size=model.vocab_size)
+    corpus = prepare_corpus(data, cache_dir, max_vocab_size=model.vocab_size,
+                            tokenizer_data=config.data, whole=whole)
     tokenizer = corpus.tokenizer
     eval_step = make_eval_step(model, tokenizer.token_bytes(), mesh)
-    stream = corpus.validation if split == "validation" else corpus.train
+    stream = corpus.validation if read_split == sources.VALIDATION else corpus.train
     tokens = np.asarray(stream)  # the whole split: its documents, to count their words
     bos_indices, lengths = document_bounds(tokens, tokenizer.bos_id)
     words = split_words(tokenizer, tokens, bos_indices, lengths)
-    if protocol == "windows":
-        batches = eval_batches(tokens, seq_len, batch, *sharding.data_share(mesh),
-                               bos_id=tokenizer.bos_id)
-        results = evaluate(eval_step, run.params,
-                           (sharding.global_batch(b, mesh) for b in batches),
-                           num_eval_batches(tokens, seq_len, batch), words=words)
-    else:
-        spans = (strided_spans(len(tokens), seq_len, stride) if protocol == "strided" else
-                 document_spans(bos_indices, lengths, seq_len))
-        results = evaluate_spans(eval_step, run.params, tokens, spans, seq_len, batch,
-                                 tokenizer.bos_id, mesh, words=words)
-    results.update(protocol=protocol, seq_len=seq_len,
-                   stride=seq_len if protocol == "windows" else stride,
-                   documents=len(bos_indices), step=step, split=split, mesh=dict(mesh.shape),
-                   params=num_params(model), kv_bytes_per_token=kv_bytes_per_token(model),
-                   unigram_perplexity=corpus.unigram_perplexity(split))
-    return results
+    unigram = None if whole else corpus.unigram_perplexity(read_split)
+    every = []
+    for seq_len in seq_lens:
+        desc = f"eval seq_len {seq_len}"
+        if protocol == "windows":
+            batches = eval_batches(tokens, seq_len, batch, *sharding.data_share(mesh),
+                                   bos_id=tokenizer.bos_id)
+            results = evaluate(eval_step, run.params,
+                               (sharding.global_batch(b, mesh) for b in batches),
+                               num_eval_batches(tokens, seq_len, batch), words=words, desc=desc)
+        else:
+            spans = (strided_spans(len(tokens), seq_len, stride) if protocol == "strided" else
+                     document_spans(bos_indices, lengths, seq_len))
+            results = evaluate_spans(eval_step, run.params, tokens, spans, seq_len, batch,
+                                     tokenizer.bos_id, mesh, words=words, desc=desc)
+        results.update(protocol=protocol, seq_len=seq_len,
+                       stride=seq_len if protocol == "windows" else stride,
+                       documents=len(bos_indices), step=step, split=split,
+                       source=data["source"], text_field=data["text_field"],
+                       mesh=dict(mesh.shape), params=num_params(model),
+                       kv_bytes_per_token=kv_bytes_per_token(model), unigram_perplexity=unigram)
+        every.append(results)
+    return every

@@ -101,7 +101,11 @@ def _data_dir(s: dict, cache_dir) -> epath.Path:
     return epath.Path(s["data_dir"] or epath.Path(cache_dir).expanduser() / "datasets")
 
 
-def _plan(s: dict, cache_dir) -> sources.Plan:
+def _plan(s: dict, cache_dir, whole: bool = False) -> sources.Plan:
+    if whole:
+        return sources.plan_whole(s["source"], text_field=s["text_field"],
+                                  tfds_split=s["validation_split"],
+                                  data_dir=_data_dir(s, cache_dir), cache_dir=cache_dir)
     return sources.plan(
         s["source"], text_field=s["text_field"], validation_fraction=s["validation_fraction"],
         validation_source=s["validation_source"], data_dir=_data_dir(s, cache_dir),
@@ -144,16 +148,22 @@ def corpus_tokenizer(data, cache_dir, plan: sources.Plan | None = None,
     return tokenizer
 
 
-def prepare_corpus(data, cache_dir, max_vocab_size: int | None = None) -> Corpus:
+def prepare_corpus(data, cache_dir, max_vocab_size: int | None = None, *,
+                   tokenizer_data=None, whole: bool = False) -> Corpus:
     """Plans the source, trains or loads the tokenizer and builds (once) or opens the store.
 
     With several processes, process 0 trains the tokenizer while the others wait; then every
     process tokenizes its share of the shards. Nothing is written before the source, its text
     field and the tokenizer's size (against `max_vocab_size`) have been checked.
+
+    tokenizer_data: the config.data whose tokenizer to use (default `data`'s own): a run's, to
+        evaluate it on another source with its own vocabulary (nothing is trained on `data`).
+    whole: every document of the source in the validation split, none in train
+        (`sources.plan_whole`; of a tfds: source, its TFDS split data.validation_split).
     """
     import jax  # noqa: PLC0415 (the rest of the data package runs without jax)
     s = settings(data)
-    plan = _plan(s, cache_dir)
+    plan = _plan(s, cache_dir, whole)
     index, count = jax.process_index(), jax.process_count()
 
     def barrier(name: str) -> None:
@@ -161,9 +171,14 @@ def prepare_corpus(data, cache_dir, max_vocab_size: int | None = None) -> Corpus
             from jax.experimental import multihost_utils  # noqa: PLC0415
             multihost_utils.sync_global_devices(f"cla_jax: {name}")
 
-    tokenizer = corpus_tokenizer(data, cache_dir, plan, max_vocab_size) if index == 0 else None
+    def tokenizer_of_run() -> Tokenizer:
+        if tokenizer_data is None:
+            return corpus_tokenizer(data, cache_dir, plan, max_vocab_size)
+        return corpus_tokenizer(tokenizer_data, cache_dir, max_vocab_size=max_vocab_size)
+
+    tokenizer = tokenizer_of_run() if index == 0 else None
     barrier("tokenizer ready")
-    tokenizer = tokenizer or corpus_tokenizer(data, cache_dir, plan, max_vocab_size)
+    tokenizer = tokenizer or tokenizer_of_run()
     key = store_key(plan, tokenizer)
     directory = _data_dir(s, cache_dir) / "stores" / f"{s['name']}-{key}"
     if not is_complete(directory, key):
@@ -173,6 +188,11 @@ def prepare_corpus(data, cache_dir, max_vocab_size: int | None = None) -> Corpus
                         barrier=lambda: barrier("token store shards built"),
                         read_kwargs=_read_kwargs(s, cache_dir), progress=index == 0)
     for split, info in store.meta["splits"].items():
+        if whole and split == sources.TRAIN:
+            continue  # empty by design
+        if whole and info["tokens"] < 2:
+            raise DataConfigError(f"{s['source']!r} holds {info['documents']} documents "
+                                  f"({info['tokens']} tokens): nothing to evaluate")
         if info["tokens"] < 2:
             raise DataConfigError(
                 f"the {split} split of {s['source']!r} holds {info['documents']} documents "

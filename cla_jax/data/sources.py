@@ -14,7 +14,8 @@ belongs to is fixed by the plan: a shard is either explicitly 'train' or 'valida
 validation glob, a TFDS validation split, the demo's held-out plays, and whole text files: the
 round(fraction x n) whose paths hash lowest, so even a handful of files gets a validation
 split), or splits its documents (jsonl/parquet rows, TFDS records) by a stable hash of their
-identity (`hash_split`).
+identity (`hash_split`). A corpus given only for evaluation is planned whole (`plan_whole`):
+every document in the validation split.
 
 A plan cuts the input into shards: deterministic units of work (a group of text files up to
 SHARD_BYTES, one jsonl/parquet file, or a range of TFDS records), the same on every host and for
@@ -234,8 +235,10 @@ def plan(source: str, *, text_field: str = "text", validation_fraction: float = 
                                                "data.validation_source")
             shards, identity = shards + more, identity + more_identity
     elif source.startswith("tfds:"):
-        shards, identity = _tfds_shards(source.removeprefix("tfds:"), data_dir, train_split,
-                                        validation_split)
+        splits = [(train_split, TRAIN if validation_split else None)]
+        if validation_split:
+            splits.append((validation_split, VALIDATION))
+        shards, identity = _tfds_shards(source.removeprefix("tfds:"), data_dir, splits)
     else:
         raise SourceError(f"unknown data.source {source!r}: use 'shakespeare', 'files:<glob>' "
                           "or 'tfds:<name>'")
@@ -243,6 +246,31 @@ def plan(source: str, *, text_field: str = "text", validation_fraction: float = 
                       [[list(s.inputs), s.split] for s in shards]], sort_keys=True)
     return Plan(source, text_field, validation_fraction, tuple(shards),
                 hashlib.sha256(key.encode()).hexdigest())
+
+
+def plan_whole(source: str, *, text_field: str = "text", tfds_split: str = VALIDATION,
+               data_dir: str | epath.Path = "", cache_dir: str | epath.Path = "") -> Plan:
+    """Every document of `source` in the validation split and none in train: a corpus given
+    only for evaluation, read whole (every file of a files: glob, a single file included;
+    all 38 plays; of a tfds: source, the TFDS split `tfds_split`, e.g. "test"). Its
+    fingerprint differs from `plan`'s of the same source, so the two stores never mix."""
+    if source == "shakespeare":
+        plays = _plays(str(cache_dir))
+        shards = [Shard(tuple(f"shakespeare:{n}" for n in sorted(plays)), VALIDATION,
+                        sum(len(text.encode()) for text in plays.values()))]
+        identity = [hashlib.sha256(plays[n].encode()).hexdigest() for n in sorted(plays)]
+    elif source.startswith("files:"):
+        shards, identity = _file_shards(source.removeprefix("files:"), VALIDATION, text_field,
+                                        0.0, "the source")
+    elif source.startswith("tfds:"):
+        shards, identity = _tfds_shards(source.removeprefix("tfds:"), data_dir,
+                                        [(tfds_split, VALIDATION)])
+    else:
+        raise SourceError(f"unknown source {source!r}: use 'shakespeare', 'files:<glob>' or "
+                          "'tfds:<name>'")
+    key = json.dumps(["whole", source, text_field, identity,
+                      [[list(s.inputs), s.split] for s in shards]], sort_keys=True)
+    return Plan(source, text_field, 0.0, tuple(shards), hashlib.sha256(key.encode()).hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,10 +454,8 @@ def _tfds_source(name: str, split: str, data_dir):
                           f"{data_dir}): {type(error).__name__}: {first_line}") from error
 
 
-def _tfds_shards(name: str, data_dir, train_split: str, validation_split: str):
-    splits = [(train_split, TRAIN if validation_split else None)]
-    if validation_split:
-        splits.append((validation_split, VALIDATION))
+def _tfds_shards(name: str, data_dir, splits: Sequence[tuple[str, str | None]]):
+    """Shards of each (TFDS split name, our split: TRAIN, VALIDATION or None = by hash)."""
     shards, identity = [], []
     for split_name, split in splits:
         records = len(_tfds_source(name, split_name, data_dir))
