@@ -15,6 +15,10 @@ special ids: config.json, generation_config.json, tokenizer_config.json), which
 cla_jax/data/tokenizer.py reads as an HFModelTokenizer: bos, pad and the eos ids that end a
 generation are the model's. RoPE scaling of type linear and llama3 (Llama 3.1/3.2) maps onto
 model.rope_scaling; other types are refused.
+
+A llama.cpp GGUF file imports the same way (`--gguf=FILE` instead of `--hf_dir`):
+cla_jax/gguf_import.py turns it into a config.json, tensors and tokenizer files and hands them
+to `write_run` here.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import pathlib
 import re
 import struct
+from collections.abc import Callable
 
 import numpy as np
 from etils import epath
@@ -75,10 +80,11 @@ def read_weights(hf_dir: pathlib.Path) -> dict[str, np.ndarray]:
     return weights
 
 
-def model_config_from_hf(hf: dict, dtype: str = "float32") -> dict:
-    """cla-jax model fields (CLA1) for a Hugging Face Llama config.json; refuses what differs."""
+def model_config_from_hf(hf: dict, dtype: str = "float32", origin: str = "config.json") -> dict:
+    """cla-jax model fields (CLA1) for a Hugging Face Llama config.json; refuses what differs,
+    naming `origin` (where the config came from)."""
     def refuse(what: str):
-        raise ConfigError(f"config.json: {what}; cla-jax imports Llama-architecture models "
+        raise ConfigError(f"{origin}: {what}; cla-jax imports Llama-architecture models "
                           "(RMSNorm, RoPE, SwiGLU, no biases)")
     if hf.get("model_type") not in SUPPORTED_TYPES:
         refuse(f"model_type {hf.get('model_type')!r} is not one of {SUPPORTED_TYPES}")
@@ -184,34 +190,46 @@ def copy_tokenizer(hf_dir: pathlib.Path, target: epath.Path) -> None:
 def import_checkpoint(hf_dir, workdir, dtype: str = "float32",
                       source: str = "shakespeare") -> epath.Path:
     """Writes step 0 of a CLA1 run converted from `hf_dir`; returns its checkpoint directory."""
-    from cla_jax.adapt import write_first_step  # noqa: PLC0415
-    from configs import default  # noqa: PLC0415
-    hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), as_path(workdir)
+    hf_dir = pathlib.Path(hf_dir).expanduser()
     if not (hf_dir / "config.json").is_file():
         raise ConfigError(f"--hf_dir: {hf_dir} has no config.json; point it at a downloaded "
                           "Hugging Face model directory")
     hf = json.loads((hf_dir / "config.json").read_text())
+    tokenizer_dir = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
+    return write_run(hf, lambda: read_weights(hf_dir), tokenizer_dir, workdir, dtype=dtype,
+                     source=source, origin="config.json", imported_from=hf_dir)
+
+
+def write_run(hf: dict, load_weights: Callable[[], dict[str, np.ndarray]],
+              tokenizer_dir: pathlib.Path | None, workdir, *, dtype: str, source: str,
+              origin: str, imported_from: pathlib.Path) -> epath.Path:
+    """Writes step 0 of the CLA1 run of the model that config.json `hf` describes, whose
+    Hugging Face-named tensors `load_weights()` gives and whose tokenizer files are in
+    `tokenizer_dir` (None: none); returns its checkpoint directory. `origin` names the config's
+    source in refusals, `imported_from` the model in the checkpoint's metadata."""
+    from cla_jax.adapt import write_first_step  # noqa: PLC0415
+    from configs import default  # noqa: PLC0415
+    workdir = as_path(workdir)
     config = default.get_config()
-    config.model.update(model_config_from_hf(hf, dtype))
+    config.model.update(model_config_from_hf(hf, dtype, origin))
     config.data.source = source
     model = ModelConfig.from_dict(config.model)
-    params = convert_weights(read_weights(hf_dir), model)
-    has_tokenizer = (hf_dir / "tokenizer.json").is_file()
-    if has_tokenizer:
-        check_tokenizer(hf_dir, model)
+    params = convert_weights(load_weights(), model)
+    if tokenizer_dir is not None:
+        check_tokenizer(tokenizer_dir, model)
         config.data.tokenizer = str(workdir / "tokenizer")
     else:
         from absl import logging  # noqa: PLC0415
         logging.warning("%s has no tokenizer.json: set data.tokenizer in %s to the model's "
                         "tokenizer (a directory holding its tokenizer.json) before eval or "
-                        "training", hf_dir, workdir / "config.py")
+                        "training", imported_from, workdir / "config.py")
     workdir.mkdir(parents=True, exist_ok=True)
     target = write_first_step(workdir / "checkpoints", config, params,
-                              {"imported_from": str(hf_dir.absolute())})
-    if has_tokenizer:
-        copy_tokenizer(hf_dir, workdir / "tokenizer")
+                              {"imported_from": str(imported_from.absolute())})
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, workdir / "tokenizer")
     (workdir / "config.py").write_text(
-        f'"""The config of the model imported from {hf_dir} (cla_jax.hf_import)."""\n'
+        f'"""The config of the model imported from {imported_from} (cla_jax.hf_import)."""\n'
         "import ml_collections\n\n\ndef get_config():\n"
         f"    return ml_collections.ConfigDict({config.to_dict()!r})\n")
     return target
@@ -221,7 +239,11 @@ def main(argv):
     from absl import flags, logging  # noqa: PLC0415
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    target = import_checkpoint(f.hf_dir, f.workdir, f.dtype, f.source)
+    if f.gguf:
+        from cla_jax.gguf_import import import_gguf  # noqa: PLC0415
+        target = import_gguf(f.gguf, f.workdir, f.dtype, f.source)
+    else:
+        target = import_checkpoint(f.hf_dir, f.workdir, f.dtype, f.source)
     print(f"wrote step 0 of the imported CLA1 model to {target}; its config is "
           f"{as_path(f.workdir) / 'config.py'}")
 
@@ -235,11 +257,14 @@ def run():
 
     flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory (config.json, "
                         "*.safetensors, tokenizer.json, generation_config.json).")
+    flags.DEFINE_string("gguf", None, "Or a llama.cpp GGUF file of a Llama (any quantisation "
+                        "the gguf package dequantises; needs `pip install gguf`).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the run "
                       "(weights are kept in float32).")
     flags.DEFINE_string("source", "shakespeare", "The run's config.data.source, which eval.py "
                         "and train.py read: shakespeare, files:<glob>, tfds:<name>.")
-    flags.mark_flags_as_required(["hf_dir", "workdir"])
+    flags.mark_flags_as_required(["workdir"])
+    flags.mark_flags_as_mutual_exclusive(["hf_dir", "gguf"], required=True)
     cli.start(main)
 
 

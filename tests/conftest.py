@@ -58,7 +58,7 @@ LONGEST_FILES_FIRST = ("test_aot.py", "test_train.py", "test_serving.py", "test_
                        "test_serve_soak.py", "test_serve_limits.py", "test_readme.py",
                        "test_serve_chat.py",
                        "test_decoding.py", "test_lm_eval_parity.py", "test_lm_eval.py",
-                       "test_eval_sources.py", "test_hf_import.py",
+                       "test_eval_sources.py", "test_gguf_import.py", "test_hf_import.py",
                        "test_precision.py", "test_device_check.py", "test_pallas_attention.py",
                        "test_int8_cache.py", "test_loss.py", "test_attention.py",
                        "test_collectives.py")
