@@ -1,7 +1,7 @@
 """Data at scale (issue 13): token-store preparation throughput, memory, start-up and loading.
 
-For each corpus size (synthetic Shakespeare recombined by cla_jax.data.synthetic, jsonl.zst as
-FineWeb ships) it measures, each phase in its own process so that time and peak memory are
+For each corpus size (synthetic Shakespeare recombined by benchmarks/synthetic_corpus.py,
+jsonl.zst as FineWeb ships) it measures, each phase in its own process so that time and peak memory are
 the phase's alone (peak RSS = the largest sum over the process and its children, sampled):
 
   tokenizer   training the BPE on its bounded sample (data.tokenizer_sample_bytes)
@@ -31,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import environment, today, write_results  # noqa: E402
-from cla_jax.data.synthetic import parse_size, write_corpus  # noqa: E402
+from benchmarks.synthetic_corpus import parse_size, write_corpus  # noqa: E402
 
 
 def _tree_rss(pid: int) -> int:

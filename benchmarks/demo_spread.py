@@ -34,7 +34,7 @@ def one_run(seed: int, workdir: pathlib.Path, cache_dir: str) -> dict:
     train_s = time.perf_counter() - start
     _run("eval.py", f"--workdir={workdir}", f"--cache_dir={cache_dir}")
     result = json.loads(max(workdir.glob("eval_validation_*.json")).read_text())
-    _run("-m", "cla_jax.lm_eval_adapter", "--model", "cla_jax", "--model_args",
+    _run("-m", "cla_jax.lm_eval", "--model", "cla_jax", "--model_args",
          f"workdir={workdir},batch_size=32", "--include_path", "tests/fixtures/lm_eval",
          "--tasks", "shakespeare_mc", "--output_path", str(workdir / "lm_eval"))
     lm_eval = json.loads(next((workdir / "lm_eval").rglob("results*.json")).read_text())

@@ -40,8 +40,8 @@ from cla_jax.config import ModelConfig  # noqa: E402
 from cla_jax.data import eval_batches, num_eval_batches  # noqa: E402
 from cla_jax.decoding import Sampling, generate  # noqa: E402
 from cla_jax.model import Transformer, init_params  # noqa: E402
+from cla_jax.model.loss import token_nll  # noqa: E402
 from cla_jax.storage import as_path  # noqa: E402
-from cla_jax.train.step import token_nll  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE_DTYPES = ("float32", "bfloat16", "int8")

@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 from benchmarks.common import environment, today, write_results  # noqa: E402
 from cla_jax.data import sources  # noqa: E402
-from cla_jax.data.synthetic import write_corpus  # noqa: E402
+from benchmarks.synthetic_corpus import write_corpus  # noqa: E402
 from cla_jax.data.tokenizer import SentencePieceTokenizer, text_chunks  # noqa: E402
 
 

@@ -66,6 +66,8 @@ def _effective_kv(layers: list[dict], config: ModelConfig) -> list[dict]:
 
 
 def check_adaptable(source: ModelConfig, target: ModelConfig) -> None:
+    """Raises ConfigError unless `target` differs from `source` only in the layer grouping
+    (kv_sharing, group_sizes): the one change adapting to CLA makes."""
     ignore = ("kv_sharing", "group_sizes")
     diffs = [f"{k}: {v!r} vs {target.to_dict()[k]!r}" for k, v in source.to_dict().items()
              if k not in ignore and target.to_dict()[k] != v]
@@ -153,6 +155,8 @@ def write_first_step(target_dir: epath.Path, config: ml_collections.ConfigDict, 
 
 
 def main(argv):
+    """cla-adapt's work once its flags are parsed: adapts the checkpoint and prints the next
+    command."""
     from absl import flags, logging  # noqa: PLC0415
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS

@@ -51,6 +51,8 @@ class StageCache:
 
 @flax.struct.dataclass
 class KVCache:
+    """The grouped KV cache of a batch of sequences: one `StageCache` per stage of layers that
+    share K/V, and how many positions each sequence has written."""
     stages: tuple[StageCache, ...]
     lengths: jax.Array  # [batch] int32: positions written so far, per sequence
 

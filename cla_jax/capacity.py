@@ -22,6 +22,8 @@ def without_cla(config: ModelConfig) -> ModelConfig:
 
 
 def cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype="bfloat16") -> int:
+    """Bytes of the KV cache for `batch_size` sequences of `context` tokens, from its shapes
+    (nothing is allocated)."""
     shapes = jax.eval_shape(lambda: init_cache(config, batch_size, context, jnp.dtype(dtype)))
     return kv_bytes(shapes)
 
@@ -44,6 +46,8 @@ def capacity(config: ModelConfig, budget_bytes: int, context: int | None = None,
 
 
 def main(argv):
+    """cla-capacity's work once its flags are parsed: prints how many tokens and sequences
+    fit the memory budget."""
     from absl import flags
     config = ModelConfig.from_dict(flags.FLAGS.config.model)
     budget = int(flags.FLAGS.budget_gib * 2**30)

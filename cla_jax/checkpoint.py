@@ -407,6 +407,8 @@ def restore_params_onto(directory: epath.PathLike, step: int, config: ModelConfi
 
 
 class RestoredModel(NamedTuple):
+    """A checkpoint restored for inference: its step, the run's config, the model config, the
+    mesh and the params placed on it."""
     step: int
     config: ml_collections.ConfigDict  # the run's whole config, as saved
     model: ModelConfig
@@ -457,6 +459,8 @@ def _barrier(name: str) -> None:
 
 
 class Resumed(NamedTuple):
+    """A training state resumed from a checkpoint: its step, state and metadata, and the
+    damaged checkpoints moved aside on the way (newest first)."""
     step: int
     state: Any
     meta: dict

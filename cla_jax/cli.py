@@ -125,6 +125,7 @@ def is_out_of_memory(error: BaseException | None) -> bool:
 
 
 def define_mesh_flag() -> None:
+    """Defines --mesh, the device mesh a command runs on."""
     flags.DEFINE_string("mesh", None, "Device mesh as axis=size, e.g. fsdp=-1 or "
                         "data=2,tensor=4 (-1 = remaining devices, unnamed axes are 1; default: "
                         "the run's config.mesh). Any mesh can read any checkpoint.")

@@ -83,7 +83,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention: str = "auto"
     remat: str = "none"
-    # Positions per chunk of the training and eval loss (cla_jax/train/loss.py): the float32
+    # Positions per chunk of the training and eval loss (cla_jax/model/loss.py): the float32
     # logits exist for [batch, loss_chunk_size, vocab] at a time. 0: whole [batch, T, vocab].
     loss_chunk_size: int = 128
 

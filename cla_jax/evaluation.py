@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from cla_jax import checkpoint, sharding
@@ -37,7 +38,8 @@ from cla_jax.data import eval_batches, num_eval_batches, sources
 from cla_jax.data.corpus import DATA_DEFAULTS, prepare_corpus
 from cla_jax.data.packing import document_spans, pack_spans, span_rows, strided_spans
 from cla_jax.errors import UserError
-from cla_jax.train.step import make_eval_step, two_sum
+from cla_jax.model import abstract_params
+from cla_jax.model.loss import token_nll
 
 PROTOCOLS = ("windows", "strided", "documents")
 # Batches dispatched ahead of the device: enough to keep it busy, few enough that a host which
@@ -48,6 +50,58 @@ MAX_IN_FLIGHT = 8
 def safe_exp(x: float) -> float:
     """exp(x), inf where it overflows (a diverged loss): perplexity is reported, not raised."""
     return math.exp(x) if x < math.log(np.finfo(np.float64).max) else math.inf
+
+
+# --- The evaluation step -------------------------------------------------------------------
+
+def two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum, any magnitudes)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def compensated_sum(x_BL) -> jax.Array:
+    """The sum of a float32 [B, L] as float32 [2] (high, low): a pairwise tree of TwoSums, along
+    L first (within a device's rows) then over B, carrying each rounding error. high + low is
+    the sum to about float64 precision; a plain float32 sum of B*L values loses up to
+    log2(B*L) bits."""
+    hi, lo = x_BL, jnp.zeros_like(x_BL)
+    for axis in (1, 0):
+        while hi.shape[axis] > 1:
+            if hi.shape[axis] % 2:
+                pad = [(0, 1) if a == axis else (0, 0) for a in range(hi.ndim)]
+                hi, lo = jnp.pad(hi, pad), jnp.pad(lo, pad)
+            hi_even, hi_odd = (jax.lax.slice_in_dim(hi, i, None, 2, axis) for i in (0, 1))
+            lo_even, lo_odd = (jax.lax.slice_in_dim(lo, i, None, 2, axis) for i in (0, 1))
+            hi, err = two_sum(hi_even, hi_odd)
+            lo = lo_even + lo_odd + err
+    return jnp.stack([hi.reshape(()), lo.reshape(())])
+
+
+def make_eval_step(config: ModelConfig, token_bytes, mesh: Mesh | None = None):
+    """(params, batch) -> this batch's sums: "nll" float32 [2] (high + low, see
+    `compensated_sum`), "tokens" and "bytes" int32 (target tokens and their UTF-8 bytes).
+
+    Weights are 0 (padding, context) or 1 (a scored target); padding is weighed out by
+    `where`, so even a non-finite logit there cannot leak in. Sum batches with
+    `accumulate`, which keeps them exact on device.
+    """
+    mesh = mesh or sharding.single_device_mesh()
+    token_bytes = np.asarray(token_bytes, np.int32)  # numpy: a constant in every process
+
+    def eval_step(params, batch):
+        with sharding.activate(mesh):
+            nll = token_nll(config, params, batch)
+        scored = batch["weights"] > 0
+        target_bytes = jnp.asarray(token_bytes)[batch["targets"]]
+        return {"nll": compensated_sum(jnp.where(scored, nll, 0.0)),
+                "tokens": jnp.sum(scored, dtype=jnp.int32),
+                "bytes": jnp.sum(jnp.where(scored, target_bytes, 0), dtype=jnp.int32)}
+
+    params_sharding = sharding.param_shardings(abstract_params(config), mesh)
+    return jax.jit(eval_step, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
 
 
 # --- Exact running sums on device ----------------------------------------------------------
@@ -109,7 +163,7 @@ def metrics(nll: float, tokens: int, num_bytes: int, words: int | None = None) -
 
 def evaluate(eval_step: Callable, params, batches: Iterable[dict], num_batches: int | None = None,
              progress: bool = True, words: int | None = None, desc: str = "eval") -> dict:
-    """Streams `batches` through `eval_step` (see train.step.make_eval_step), sums on device
+    """Streams `batches` through `eval_step` (see `make_eval_step`), sums on device
     and reads the totals once: `metrics` of the scored targets. No batch: all zero."""
     totals, in_flight = None, collections.deque()
     for batch in tqdm(batches, total=num_batches, desc=desc, unit="batch",
@@ -157,7 +211,7 @@ def evaluate_documents(eval_step: Callable, params, documents: Sequence[Sequence
                        progress: bool = True, *, words: int | None = None) -> dict:
     """Total NLL of documents, each scored from its start as lm-eval's loglikelihood_rolling.
 
-    eval_step: train.step.make_eval_step(model, token_bytes, mesh).
+    eval_step: make_eval_step(model, token_bytes, mesh).
     documents: token ids of each document, without bos (the prefix every document is scored
         after) or eos; every token is scored once, the bos never. An empty document adds 0.
     seq_len: inputs per rolling window (lm-eval's max_length). Windows of several documents

@@ -35,6 +35,8 @@ EXPORT_DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.
 
 
 def check_exportable(model: ModelConfig, where) -> None:
+    """Raises ConfigError unless the model is CLA1 (no K/V shared across layers): a Hugging
+    Face Llama has no cross-layer sharing."""
     if any(size > 1 for size in model.groups):
         raise ConfigError(
             f"{where}: the model shares K/V across layers (layer groups {list(model.groups)}); "
@@ -113,6 +115,7 @@ def special_ids(tokenizer_spec: str) -> tuple[dict, list[int], epath.Path | None
 
 
 def hf_config(model: ModelConfig, ids: dict, dtype: str) -> dict:
+    """The Hugging Face config.json of a Llama with the model's shape and special token ids."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": model.vocab_size, "hidden_size": model.d_model,
@@ -159,6 +162,8 @@ def export_checkpoint(workdir, out_dir, step: int | None = None,
 
 
 def main(argv):
+    """cla-hf-export's work once its flags are parsed: writes the Hugging Face model and prints
+    how to load it."""
     from absl import flags, logging  # noqa: PLC0415
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS

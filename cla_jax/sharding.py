@@ -134,10 +134,12 @@ def make_mesh(spec: Mapping[str, int] | None = None,
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    """A mesh of one device (default: the first), every axis of size 1."""
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device or jax.devices()[0]])
 
 
 def describe(mesh: Mesh) -> str:
+    """The mesh in a line: its axes and sizes, devices and processes."""
     return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + \
         f" ({mesh.size} devices, {len({d.process_index for d in mesh.devices.flat})} processes)"
 
@@ -169,6 +171,7 @@ def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int],
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that puts a whole copy on every device of `mesh`."""
     return NamedSharding(mesh, P())
 
 
@@ -213,6 +216,8 @@ def with_shardings(abstract_tree, shardings):
 # --- data --------------------------------------------------------------------------------
 
 def num_batch_shards(mesh: Mesh) -> int:
+    """How many ways the mesh splits a batch's rows: the product of its batch axes (data x
+    fsdp)."""
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
@@ -240,6 +245,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "the batch size") -> None:
+    """Raises ConfigError unless `batch_size` divides evenly over the mesh's batch shards."""
     shards = num_batch_shards(mesh)
     if batch_size % shards:
         raise ConfigError(f"{what} ({batch_size}) is not divisible by the mesh's data x fsdp = "
@@ -309,6 +315,8 @@ def split_over(logical_axis: str, size: int) -> int:
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`x` constrained to the sharding of its logical axes on the active mesh (`activate`);
+    `x` unchanged outside one."""
     mesh = _ACTIVE_MESH.get()
     if mesh is None:
         return x

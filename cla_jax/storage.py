@@ -12,6 +12,7 @@ from etils import epath
 
 
 def is_remote(path: epath.PathLike) -> bool:
+    """Whether `path` is a URL (gs://, s3://, ...) rather than a local path."""
     return "://" in str(path)
 
 

@@ -14,8 +14,8 @@ from test_train import tiny_config
 from cla_jax.config import ModelConfig
 from cla_jax.data.tokenizer import ByteTokenizer
 from cla_jax.model import abstract_params
-from cla_jax.server.limits import Limits
-from cla_jax.server.listener import listen, make_server, url_of
+from cla_jax.serving.http.limits import Limits
+from cla_jax.serving.http.listener import listen, make_server, url_of
 
 MAX_LENGTH = 64
 

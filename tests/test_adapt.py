@@ -83,7 +83,7 @@ def test_adapted_checkpoint_uptrains_with_train_py_loop(tmp_path, corpus_glob):
     from cla_jax.train.loop import train_and_evaluate, validation_metrics
     from cla_jax.train.optimizer import make_optimizer
     from cla_jax.train.state import init_state
-    from cla_jax.train.step import make_eval_step
+    from cla_jax.evaluation import make_eval_step
 
     cache = tmp_path / "cache"
     base = tiny_config(corpus_glob, steps=8, eval_every=100, checkpoint_every=8)

@@ -22,8 +22,8 @@ from cla_jax.data import eval_batches
 from cla_jax.data.packing import document_spans, pack_spans, strided_spans
 from cla_jax.data.tokenizer import ByteTokenizer
 from cla_jax.errors import UserError
+from cla_jax.evaluation import compensated_sum, make_eval_step
 from cla_jax.model import Transformer, init_params
-from cla_jax.train.step import compensated_sum, make_eval_step
 from configs import default
 
 ROOT = pathlib.Path(__file__).parents[1]

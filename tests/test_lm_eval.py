@@ -27,9 +27,8 @@ from cla_jax import checkpoint  # noqa: E402
 from cla_jax.config import ModelConfig  # noqa: E402
 from cla_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from cla_jax.decoding import Sampling, generate  # noqa: E402
-from cla_jax.evaluation import count_words, evaluate_documents  # noqa: E402
+from cla_jax.evaluation import count_words, evaluate_documents, make_eval_step  # noqa: E402
 from cla_jax.model import Transformer, abstract_params  # noqa: E402
-from cla_jax.train.step import make_eval_step  # noqa: E402
 
 FIXTURES = pathlib.Path(ROOT) / "tests" / "fixtures" / "lm_eval"
 MAX_SEQ_LEN, SEQ_LEN, BATCH = 64, 32, 8  # max_length defaults to the run's train.seq_len
@@ -64,7 +63,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(run):
-    from cla_jax.lm_eval_adapter import ClaJaxLM
+    from cla_jax.lm_eval import ClaJaxLM
     return ClaJaxLM(workdir=str(run[0]), batch_size=BATCH, cache_dir=str(run[0] / "cache"))
 
 
@@ -262,16 +261,16 @@ def test_generation_task_outputs_equal_decoding_generate(greedy, evaluated):
     assert len(samples) == len(docs)
 
 
-# `python -m cla_jax.lm_eval_adapter ARGS`, with lm_eval's task index limited to
+# `python -m cla_jax.lm_eval ARGS`, with lm_eval's task index limited to
 # --include_path (the CLI always indexes its built-in tasks too: 20 s).
 RUN_AS_MAIN = ("import functools, runpy; from lm_eval.tasks import manager; "
                "manager.TaskManager.__init__ = functools.partialmethod("
                "manager.TaskManager.__init__, include_defaults=False); "
-               "runpy.run_module('cla_jax.lm_eval_adapter', run_name='__main__')")
+               "runpy.run_module('cla_jax.lm_eval', run_name='__main__')")
 
 
 def test_the_cli_wrapper_registers_the_model_and_runs_lm_eval(run, evaluated, tmp_path):
-    """`python -m cla_jax.lm_eval_adapter` is lm_eval's CLI with "cla_jax" registered; its
+    """`python -m cla_jax.lm_eval` is lm_eval's CLI with "cla_jax" registered; its
     model_args batch_size wins over the CLI's default of 1; a fresh process on the run's mesh
     gets what simple_evaluate got."""
     out = subprocess.run(
@@ -288,3 +287,14 @@ def test_the_cli_wrapper_registers_the_model_and_runs_lm_eval(run, evaluated, tm
     first_two = sorted(evaluated["samples"]["shakespeare_mc"], key=lambda s: s["doc_id"])[:2]
     assert results["results"]["shakespeare_mc"]["acc,none"] == np.mean(
         [s["acc"] for s in first_two])
+
+
+def test_the_former_module_name_still_registers_and_runs_the_adapter():
+    """`cla_jax.lm_eval_adapter` (the module the package grew from) is the same adapter:
+    importing it registers "cla_jax"; its `main` is lm_eval's CLI."""
+    import lm_eval.api.registry as registry
+
+    import cla_jax.lm_eval
+    import cla_jax.lm_eval_adapter as former
+    assert former.ClaJaxLM is cla_jax.lm_eval.ClaJaxLM and former.main is cla_jax.lm_eval.main
+    assert registry.get_model("cla_jax") is cla_jax.lm_eval.ClaJaxLM

@@ -39,7 +39,7 @@ def imported(request, tmp_path_factory):
 
 
 def adapter(workdir, **model_args):
-    from cla_jax.lm_eval_adapter import ClaJaxLM
+    from cla_jax.lm_eval import ClaJaxLM
     return ClaJaxLM(workdir=str(workdir), batch_size=4, cache_dir=str(workdir / "cache"),
                     **model_args)
 

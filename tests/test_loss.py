@@ -1,4 +1,4 @@
-"""Chunked cross-entropy (cla_jax/train/loss.py) against the whole log-softmax: values and
+"""Chunked cross-entropy (cla_jax/model/loss.py) against the whole log-softmax: values and
 gradients of the loss alone, through the model (tied and untied), in bf16 and on a mesh, and
 the compiled train step holds no [B, T, vocab] float32 logits."""
 import re
@@ -13,9 +13,9 @@ from test_model import make_config, make_params
 from cla_jax import sharding
 from cla_jax.config import ConfigError
 from cla_jax.model import Transformer
-from cla_jax.train.loss import chunked_nll, chunked_nll_sum
+from cla_jax.model.loss import chunked_nll, chunked_nll_sum, token_nll
 from cla_jax.train.state import TrainState
-from cla_jax.train.step import make_train_step, token_nll
+from cla_jax.train.step import make_train_step
 
 # float32 against float64: logits of size ~3 over 11-61 classes round at ~1e-7 relative; the
 # gradients sum at most a few dozen tokens. 2e-5 of the largest entry leaves room for that and

@@ -151,7 +151,7 @@ def test_the_model_trains_through_the_pallas_kernels_as_through_reference():
     from test_model import make_config, make_params
     from test_precision import packed_batch
 
-    from cla_jax.train.step import token_nll
+    from cla_jax.model.loss import token_nll
 
     config = make_config("cla2", "gqa", max_seq_len=40)
     params = make_params(config)

@@ -22,8 +22,9 @@ from test_train import ROOT
 from cla_jax import checkpoint
 from cla_jax.decoding import Sampling, generate
 from cla_jax.scripts import serve
-from cla_jax.server.app import make_app
 from cla_jax.serving import Batcher, Engine, Request
+from cla_jax.serving.http.app import make_app
+from cla_jax.serving.http.server import warm_up
 
 PROMPTS = ["the king", "a queen", "far away", "lord and lady"]  # one prompt bucket (16)
 MAX_TOKENS = 24
@@ -60,7 +61,7 @@ def served(tiny):
     _, model, params, tokenizer = tiny
     batcher = Batcher(Engine(model, params, num_slots=3, max_length=MAX_LENGTH),
                       decode=tokenizer.decode)
-    serve.warm_up(batcher, everything=False)
+    warm_up(batcher, everything=False)
     batcher.start()
     try:
         with serving(make_app(batcher, tokenizer, "tiny")) as url:

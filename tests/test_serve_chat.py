@@ -15,11 +15,11 @@ from cla_jax import hf_import
 from cla_jax.data.tokenizer import load_tokenizer
 from cla_jax.decoding import Sampling, generate
 from cla_jax.errors import UserError
-from cla_jax.scripts import serve
-from cla_jax.server.app import make_app
-from cla_jax.server.chat import ChatTemplate
-from cla_jax.server.errors import ApiError
 from cla_jax.serving import Batcher, Engine
+from cla_jax.serving.http.app import make_app
+from cla_jax.serving.http.chat import ChatTemplate
+from cla_jax.serving.http.errors import ApiError
+from cla_jax.serving.http.server import warm_up
 
 # Llama 3's shape with this fixture's special tokens; the role headers are plain text here.
 TEMPLATE = """{% for message in messages %}
@@ -60,7 +60,7 @@ def chat_server(chat_model):
     model, params, tokenizer, template = chat_model
     batcher = Batcher(Engine(model, params, num_slots=2, max_length=model.max_seq_len),
                       decode=tokenizer.decode)
-    serve.warm_up(batcher, everything=False)
+    warm_up(batcher, everything=False)
     batcher.start()
     try:
         with serving(make_app(batcher, tokenizer, "llama", chat_template=template)) as url:
@@ -71,7 +71,7 @@ def chat_server(chat_model):
 
 def test_the_template_renders_as_transformers_does_and_adds_its_stop_token(chat_model):
     _, _, tokenizer, template = chat_model
-    from cla_jax.server.chat import messages_of
+    from cla_jax.serving.http.chat import messages_of
     assert template.render(messages_of({"messages": MESSAGES})) == RENDERED
     assert 303 in template.stop_ids and 303 not in tokenizer.stop_ids
     assert tokenizer.encode(RENDERED)[0] == 300  # the template's BOS, as one token

@@ -18,11 +18,11 @@ from serving_app import MAX_LENGTH, serving, tiny_model
 from test_train import ROOT
 
 from cla_jax.errors import UserError
-from cla_jax.scripts import serve
-from cla_jax.server.app import make_app
-from cla_jax.server.auth import check_exposure
-from cla_jax.server.limits import Limits
 from cla_jax.serving import Batcher, Engine, Request
+from cla_jax.serving.http.app import make_app
+from cla_jax.serving.http.auth import check_exposure
+from cla_jax.serving.http.limits import Limits
+from cla_jax.serving.http.server import warm_up
 
 KEY = "sk-test-key"
 LIMITS = Limits(max_body_bytes=16 << 10, max_prompts=2, max_queued_tokens=4 * MAX_LENGTH,
@@ -53,7 +53,7 @@ def server():
     tokenizer = Tokenizer(byte_tokenizer)
     batcher = Batcher(Engine(model, params, num_slots=2, max_length=MAX_LENGTH),
                       decode=tokenizer.decode)
-    serve.warm_up(batcher, everything=False)
+    warm_up(batcher, everything=False)
     batcher.start()
     app = make_app(batcher, tokenizer, "tiny", api_keys=(KEY,), limits=LIMITS)
     try:
@@ -274,7 +274,7 @@ def test_clients_that_close_mid_request_log_no_tracebacks(server):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "cla_jax.server")]
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "cla_jax.serving.http")]
     for logger in loggers:
         logger.addHandler(handler)
     try:

@@ -15,9 +15,9 @@ from test_serve import scrape
 from test_serve_limits import eventually
 
 from benchmarks import serving_stress
-from cla_jax.scripts import serve
-from cla_jax.server.app import make_app
 from cla_jax.serving import Batcher, Engine
+from cla_jax.serving.http.app import make_app
+from cla_jax.serving.http.server import warm_up
 
 REQUESTS = 300
 WORKERS = 8
@@ -29,7 +29,7 @@ def soaked():
     _, model, params, tokenizer = tiny_model()
     batcher = Batcher(Engine(model, params, num_slots=4, max_length=MAX_LENGTH),
                       decode=tokenizer.decode)
-    serve.warm_up(batcher)  # every bucket: no compile in the middle of the soak
+    warm_up(batcher)  # every bucket: no compile in the middle of the soak
     batcher.start()
     try:
         with serving(make_app(batcher, tokenizer, "stress")) as url:

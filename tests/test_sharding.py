@@ -11,9 +11,10 @@ from cla_jax import sharding
 from cla_jax.config import ConfigError
 from cla_jax.decoding import Sampling, generate
 from cla_jax.model import abstract_params
+from cla_jax.model.loss import token_nll
 from cla_jax.train.optimizer import make_optimizer
 from cla_jax.train.state import init_state
-from cla_jax.train.step import make_train_step, token_nll
+from cla_jax.train.step import make_train_step
 from configs import default
 
 MESHES = {"data8": dict(data=8), "fsdp8": dict(fsdp=8), "2x2x2": dict(data=2, fsdp=2, tensor=2),

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from cla_jax.data import synthetic
+from benchmarks import synthetic_corpus as synthetic
 
 # Quotes, a backslash, a tab and non-ASCII text exercise the JSON escaping.
 LINES = [

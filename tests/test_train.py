@@ -16,10 +16,10 @@ from cla_jax.config import ModelConfig
 from cla_jax.data import eval_batches
 from cla_jax.data.corpus import prepare_corpus
 from cla_jax.evaluation import evaluate
+from cla_jax.evaluation import make_eval_step
 from cla_jax.model import Transformer, abstract_params, init_params
 from cla_jax.storage import as_path
 from cla_jax.train.loop import NonFiniteLossError, train_and_evaluate
-from cla_jax.train.step import make_eval_step
 from configs import default
 
 ROOT = pathlib.Path(__file__).parents[1]

@@ -43,6 +43,7 @@ _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
 @dataclasses.dataclass(frozen=True)
 class Array:
+    """One array of an HLO shape: its dtype and dimensions."""
     dtype: str
     shape: tuple[int, ...]
 
@@ -60,6 +61,7 @@ class Array:
 
 @dataclasses.dataclass
 class Instruction:
+    """One instruction of an HLO computation, as parsed from the compiled program's text."""
     name: str
     opcode: str
     results: list[Array]      # the result's arrays (several for a tuple)
@@ -70,6 +72,8 @@ class Instruction:
 
 @dataclasses.dataclass
 class Collective:
+    """One collective of a compiled program (all-reduce, all-gather, ...): what each device
+    sends and receives, and over how many devices."""
     kind: str                 # one of COLLECTIVES
     dtype: str
     inputs: list[Array]       # per device, before

@@ -52,6 +52,8 @@ class Setup:
 
 @dataclasses.dataclass
 class Program:
+    """A jitted program to compile for a target, with its abstract arguments and the work one
+    step does (model FLOPs and tokens), for the roofline."""
     name: str
     fn: Callable               # a jitted function
     args: tuple                # abstract arguments, shardings included
@@ -123,6 +125,8 @@ def _shape_check(setup: Setup, t: int, s: int, rows: int) -> dict:
 
 
 def train(setup: Setup) -> Program:
+    """The training step (`train.step.make_train_step`) of `setup`, over abstract state and
+    batch."""
     from cla_jax.train.optimizer import make_optimizer
     from cla_jax.train.state import abstract_state
     from cla_jax.train.step import make_train_step
@@ -139,7 +143,9 @@ def train(setup: Setup) -> Program:
 
 
 def evaluate(setup: Setup) -> Program:
-    from cla_jax.train.step import make_eval_step
+    """The evaluation step (`evaluation.make_eval_step`) of `setup`, over abstract params and
+    batch."""
+    from cla_jax.evaluation import make_eval_step
 
     step = make_eval_step(setup.model, np.ones(setup.model.vocab_size, np.int32), setup.mesh)
     batch = _batch(setup)

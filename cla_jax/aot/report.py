@@ -33,6 +33,8 @@ USABLE_FRACTION = 0.95
 
 
 def memory(compiled) -> dict:
+    """A compiled program's memory figures (bytes): arguments, outputs, temporaries, code and
+    what it needs in all while it runs."""
     m = compiled.memory_analysis()
     figures = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
                ("argument", "output", "alias", "temp", "generated_code")}
@@ -93,6 +95,8 @@ def _residual_like(dims: list[int], check: dict) -> bool:
 
 
 def collective_summary(collectives: list[hlo.Collective]) -> dict:
+    """The collectives of a program summed by kind: count and bytes per step, and how many
+    of those bytes cross the network."""
     by_kind: dict[str, dict] = {}
     for c in collectives:
         entry = by_kind.setdefault(c.kind, dict(count=0, bytes_per_step=0.0))
@@ -105,6 +109,8 @@ def collective_summary(collectives: list[hlo.Collective]) -> dict:
 
 
 def roofline(target: Target, program: Program, hbm_bytes: float, summary: dict) -> dict:
+    """Lower bounds on a step's time on `target` from its FLOPs, memory traffic and collective
+    bytes, and which of them bounds it."""
     chip = target.chip
     flops_per_chip = program.model_flops / target.chips
     compute_s = flops_per_chip / chip.peak_bf16_flops
@@ -124,6 +130,8 @@ def roofline(target: Target, program: Program, hbm_bytes: float, summary: dict) 
 
 def analyse(target: Target, program: Program, compiled, compile_s: float,
             slice_of_device: list[int]) -> dict:
+    """The report of one compiled program on one target: memory, collectives, roofline, kernels
+    and suspicious buffers."""
     figures = memory(compiled)
     parsed = hlo.Program(compiled.as_text())
     collectives = parsed.collectives(slice_of_device)

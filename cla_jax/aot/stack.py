@@ -34,6 +34,8 @@ class StackError(RuntimeError):
 
 
 def stack_dir() -> pathlib.Path:
+    """Where the compile stack (libtpu, the CUDA plugin) is installed: $CLA_COMPILE_STACK or
+    <venv>/compile-stack."""
     return pathlib.Path(os.environ.get(ENV_DIR) or pathlib.Path(sys.prefix) / "compile-stack")
 
 
@@ -67,6 +69,7 @@ def pins() -> dict[str, str]:
 
 
 def install_command(target: pathlib.Path | None = None) -> list[str]:
+    """The pip command that installs the pinned compile stack into `target`."""
     target = target or stack_dir()
     return [sys.executable, "-m", "pip", "install", "--quiet", "--upgrade", "--target",
             str(target), *pins().values()]
@@ -114,6 +117,7 @@ def check(platform: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m cla_jax.aot.stack install [DIR]`: installs the compile stack."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["install"]:
         target = pathlib.Path(argv[1]) if len(argv) > 1 else stack_dir()

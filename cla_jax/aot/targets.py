@@ -77,6 +77,8 @@ CHIPS = {chip.name: chip for chip in (
 
 @dataclasses.dataclass(frozen=True)
 class Target:
+    """A machine to compile for: a chip, its topology and how many slices (TPU) or nodes
+    (GPU)."""
     name: str
     chip: Chip
     topology: str        # TPU: libtpu's topology name per slice; GPU: "1xNxG" (nodes x GPUs)

@@ -8,15 +8,16 @@ Typical flow (see each module for details):
 
 sources.py plans and reads the documents, store.py tokenizes them once into shards,
 tokenizer.py holds the tokenizers, packing.py cuts token streams into windows; shakespeare.py
-is the demo corpus, synthetic.py makes corpora of any size, text_dataset.py builds a TFDS
-dataset from local documents, prepare.py is the command line that builds a store.
+is the demo corpus, text_dataset.py builds a TFDS dataset from local documents, prepare.py is
+the command line that builds a store. (Corpora of any size for benchmarks:
+benchmarks/synthetic_corpus.py.)
 
 Names are re-exported lazily, so `cla_jax.data.packing` or `cla_jax.data.tokenizer` can be used
 where tensorflow-datasets or grain are not installed (e.g. the GPU machine).
 """
 from __future__ import annotations
 
-from cla_jax import lazy_exports
+from cla_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "packing": ["BATCH_KEYS", "Batch", "pack_windows"],

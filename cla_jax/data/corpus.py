@@ -46,6 +46,8 @@ class DataConfigError(UserError):
 
 @dataclasses.dataclass
 class Corpus:
+    """A prepared corpus: its tokenizer, its token store and the store's train and validation
+    streams."""
     tokenizer: Tokenizer
     store: TokenStore
     train: TokenStream

@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
+    """cla-prepare's work once its flags are parsed: builds (or finds) the run's token store."""
     from cla_jax.data.corpus import prepare_corpus  # noqa: PLC0415 (after flags are parsed)
     from cla_jax.data.store import StoreError  # noqa: PLC0415
     config = flags.FLAGS.config
@@ -58,6 +59,7 @@ def main(argv):
 
 
 def run():
+    """The cla-prepare console script: parses the flags, then runs `main`."""
     cli.start(main)
 
 

@@ -43,6 +43,7 @@ class CorpusFetchError(UserError, RuntimeError):
 
 
 def sha256_of_file(path: pathlib.Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read a MB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

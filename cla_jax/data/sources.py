@@ -61,6 +61,8 @@ class Shard:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """Which documents a source holds and how they split: its shards, text field, validation
+    fraction and a fingerprint of all of it."""
     source: str
     text_field: str
     validation_fraction: float

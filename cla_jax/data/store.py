@@ -58,10 +58,13 @@ class StoreError(UserError):
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype the store keeps token ids of a vocabulary in: uint16 or uint32."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def store_key(plan: Plan, tokenizer: Tokenizer) -> str:
+    """The store's name: a hash of the store format, the documents (the plan's fingerprint)
+    and the tokenizer, so any change to them makes a new store."""
     identity = [FORMAT_VERSION, plan.fingerprint, tokenizer.identity]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 

@@ -33,6 +33,8 @@ BLOCK = 512  # blockwise's default query and key block: matmuls big enough to ru
 
 
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Grouped-query attention in plain jnp: softmax(q k^T / sqrt(H)) v under `mask_BTS`
+    (True = attend), scores and softmax in float32."""
     b, t, n, h = q_BTNH.shape
     kv_heads = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv_heads, n // kv_heads, h)
@@ -72,6 +74,9 @@ def _fold_mask(mask_BTS, kv_heads: int, g: int):
 
 
 def folded_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Grouped-query attention with each KV head's G query heads folded into rows
+    ([B*K, G*T, H]), so the scores are one batched matmul; the same result as
+    `reference_attention`."""
     b, t, n, h = q_BTNH.shape
     kv_heads = k_BSKH.shape[2]
     g = n // kv_heads

@@ -18,6 +18,7 @@ from cla_jax.sharding import constrain
 
 
 def dtype_of(name: str):
+    """A dtype from its config name ("bfloat16", "float32", ...)."""
     return jnp.dtype(name)
 
 
@@ -129,6 +130,7 @@ def normal_init(config: ModelConfig, axes: Sequence[str]):
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale; its statistics in float32."""
     config: ModelConfig
 
     @nn.compact
@@ -235,6 +237,7 @@ def _swiglu(gate, up):
 
 
 class SwiGLU(nn.Module):
+    """The feed-forward block: down(silu(gate(x)) * up(x))."""
     config: ModelConfig
 
     @nn.compact

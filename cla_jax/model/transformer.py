@@ -159,6 +159,8 @@ def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | Non
 
 
 class Transformer(nn.Module):
+    """The decoder-only CLA transformer: embedding, scanned stages of layers that share K/V,
+    final norm and (tied or separate) unembedding; with a KV cache for decoding."""
     config: ModelConfig
 
     @nn.compact
@@ -175,7 +177,7 @@ class Transformer(nn.Module):
         its last token's): the logits are then [B, 1, vocab], and the unembedding, a large
         part of a prefill, runs on one token per row.
         return_hidden: return the final-normed hidden states [B, T, D] (compute dtype) in
-        place of the logits, for a loss that unembeds them itself (`train.loss`).
+        place of the logits, for a loss that unembeds them itself (`model.loss`).
         """
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),

@@ -96,6 +96,7 @@ def compile_target(config, target_name: str) -> dict:
 
 
 def row(name: str, result: dict) -> str:
+    """One line of the report table for a program's result."""
     if result["status"] != "ok":
         return f"  {name:<10} {result['status']}: {result.get('error', '')[:300]}"
     m, r, c = result["memory"], result["roofline"], result["collective_summary"]
@@ -111,6 +112,8 @@ def row(name: str, result: dict) -> str:
 
 
 def main(argv):
+    """cla-compile's work once its flags are parsed: compiles the programs for each target and
+    writes the report."""
     from cla_jax.aot import targets
 
     if flags.FLAGS.list_targets:
@@ -143,6 +146,7 @@ def main(argv):
 
 
 def run():
+    """The cla-compile console script: defines the flags, then runs `main`."""
     cli.start(main)
 
 

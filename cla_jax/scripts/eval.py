@@ -78,6 +78,8 @@ def summary(results: list[dict]) -> dict:
 
 
 def main(argv):
+    """cla-eval's work once its flags are parsed: evaluates the checkpoint and prints the
+    metrics."""
     check_protocol(FLAGS.protocol, FLAGS.stride)  # before loading anything
     seq_lens = parse_seq_lens(FLAGS.seq_lens) if FLAGS.seq_lens is not None else None
     every = evaluate_lengths(FLAGS.workdir, FLAGS.cache_dir, FLAGS.step, FLAGS.split,
@@ -109,6 +111,7 @@ def main(argv):
 
 
 def run():
+    """The cla-eval console script (and `python eval.py`): parses the flags, then runs `main`."""
     cli.start(main)
 
 

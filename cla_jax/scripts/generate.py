@@ -38,6 +38,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+    """cla-generate's work once its flags are parsed: samples a continuation of each prompt."""
     texts = list(FLAGS.prompt)
     if FLAGS.prompt_file:
         texts += [line.rstrip("\n") for line in
@@ -81,6 +82,8 @@ def main(argv):
 
 
 def run():
+    """The cla-generate console script (and `python generate.py`): parses the flags, then
+    runs `main`."""
     cli.start(main)
 
 

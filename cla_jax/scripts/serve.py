@@ -6,19 +6,18 @@ joins one continuously batched pool of slots.
     python serve.py --random_init --config=configs/default.py  # smoke test, no checkpoint
 
 Endpoints: GET /v1/models, POST /v1/completions and /v1/chat/completions (streamed or not),
-GET /health, GET /metrics (cla_jax/server/). The flags are defined by `run()`, not on
-import.
+GET /health, GET /metrics. This module is the command line only: the HTTP app and its
+server are `cla_jax.serving.http`. The flags are defined by `run()`, not on import.
 """
 from __future__ import annotations
 
 import os
-import time
 
 import jax
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from cla_jax import cli, sharding
+from cla_jax import cli
 from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.errors import UserError
 from cla_jax.serving import Batcher, Engine
@@ -27,27 +26,16 @@ from cla_jax.storage import as_path
 FLAGS = flags.FLAGS
 
 
-def warm_up(batcher: Batcher, everything: bool = True) -> int:
-    """Compiles prefill, insert and step before the server takes requests: for every prompt
-    bucket and attention window (or only the smallest), so no request waits for XLA while
-    the others stall behind it. Returns the number of programs."""
-    engine = batcher.engine
-    if everything:
-        return batcher.warm_up()
-    return batcher.warm_up(engine.prompt_buckets[:1], engine.window_buckets[:1])
-
-
-# --- the command ---------------------------------------------------------------------------
-
 def api_keys() -> tuple[str, ...]:
     """--api_key, else the environment variable; several keys separated by commas."""
-    from cla_jax.server.auth import API_KEY_ENV  # noqa: PLC0415 (server-only imports)
+    from cla_jax.serving.http.auth import API_KEY_ENV  # noqa: PLC0415 (server-only imports)
     given = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get(API_KEY_ENV, "")
     return tuple(k.strip() for k in given.split(",") if k.strip())
 
 
 def limits_from_flags():
-    from cla_jax.server.limits import Limits  # noqa: PLC0415
+    """The server's `Limits` from the flags, each checked to be positive."""
+    from cla_jax.serving.http.limits import Limits  # noqa: PLC0415
     limits = Limits(max_body_bytes=FLAGS.max_body_bytes, max_prompts=FLAGS.max_prompts,
                     max_queued_tokens=FLAGS.max_queued_tokens,
                     header_timeout=FLAGS.header_timeout, body_timeout=FLAGS.body_timeout,
@@ -62,10 +50,10 @@ def limits_from_flags():
 
 
 def main(argv):
-    from cla_jax.server.app import make_app  # noqa: PLC0415 (starlette etc.: server only)
-    from cla_jax.server.auth import check_exposure  # noqa: PLC0415
-    from cla_jax.server.chat import ChatTemplate  # noqa: PLC0415
-    from cla_jax.server.listener import listen, make_server, url_of  # noqa: PLC0415
+    """The flags -> a model, its engine and batcher -> `cla_jax.serving.http.server.serve`."""
+    from cla_jax.serving.http.auth import check_exposure  # noqa: PLC0415 (starlette etc.)
+    from cla_jax.serving.http.chat import ChatTemplate  # noqa: PLC0415
+    from cla_jax.serving.http.server import serve  # noqa: PLC0415
     if jax.process_count() > 1:
         raise UserError("serve.py runs in one process (one host, any number of its devices); "
                         "drop --distributed")
@@ -83,23 +71,9 @@ def main(argv):
     engine = Engine(model, params, FLAGS.num_slots, FLAGS.max_length or model.max_seq_len,
                     cache_dtype, mesh)
     batcher = Batcher(engine, decode=tokenizer.decode, steps_per_call=FLAGS.steps_per_call)
-    sock = listen(FLAGS.host, FLAGS.port)  # before compiling: a taken port fails at once
-    start = time.perf_counter()
-    programs = warm_up(batcher, FLAGS.warm_up == "all")
-    logging.info("compiled %d programs in %.1f s", programs, time.perf_counter() - start)
-    batcher.start()
-    print(f"serving {name} (step {step}) at {url_of(sock)}: {engine.num_slots} slots x "
-          f"{engine.max_length} tokens, {cache_dtype} KV cache, mesh "
-          f"{sharding.describe(mesh)}, {'an API key' if keys else 'no API key'}, "
-          f"{'a' if template else 'no'} chat template", flush=True)
-    app = make_app(batcher, tokenizer, name, api_keys=keys, limits=limits,
-                   chat_template=template)
-    try:
-        make_server(app, limits).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down gracefully first, then re-raised Ctrl+C
-        pass
-    finally:
-        batcher.stop()
+    serve(batcher, tokenizer, name, host=FLAGS.host, port=FLAGS.port, api_keys=keys,
+          limits=limits, chat_template=template, warm_up_everything=FLAGS.warm_up == "all",
+          description=f"(step {step})")
 
 
 def define_flags() -> None:
@@ -151,6 +125,7 @@ def define_flags() -> None:
 
 
 def run():
+    """The cla-serve console script (and `python serve.py`): defines the flags, then runs."""
     define_flags()
     cli.start(main)
 

@@ -22,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    """cla-train's work once its flags are parsed: trains, then prints the final validation
+    metrics."""
     metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.cache_dir,
                                  flags.FLAGS.stop_at_step, restart_data=flags.FLAGS.restart_data)
     if metrics and jax.process_index() == 0:
@@ -30,6 +32,8 @@ def main(argv):
 
 
 def run():
+    """The cla-train console script (and `python train.py`): parses the flags, then runs
+    `main`."""
     cli.start(main)
 
 

@@ -120,6 +120,8 @@ class Event:
 
 @dataclasses.dataclass
 class Completion:
+    """A finished request: its tokens, their logprobs, the decoded text, why it stopped
+    (finish_reason) and when each token reached the host."""
     request_id: int
     prompt_tokens: int
     tokens: list[int]

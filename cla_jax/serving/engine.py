@@ -50,6 +50,8 @@ class SlotSettings:
 
 @flax.struct.dataclass
 class PoolState:
+    """The engine's device state: the slots' KV cache, each slot's next input token, tokens
+    sampled so far and sampling settings."""
     cache: KVCache           # [num_slots, max_length] grouped cache; lengths = filled slots
     tokens: jax.Array        # [num_slots] int32: each slot's newest token, the next input
     generated: jax.Array     # [num_slots] int32: tokens sampled so far (the PRNG index)
@@ -76,6 +78,8 @@ def buckets(smallest: int, largest: int, step: int | None = None) -> tuple[int, 
 
 
 def bucket_for(length: int, sizes: tuple[int, ...]) -> int:
+    """The smallest size of `sizes` (ascending) that holds `length`; ValueError past the
+    largest."""
     for size in sizes:
         if length <= size:
             return size

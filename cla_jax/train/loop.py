@@ -27,7 +27,7 @@ from cla_jax.storage import as_path
 from cla_jax.train.metrics import MetricsWriter, peak_flops
 from cla_jax.train.optimizer import check_settings, learning_rate_schedule, make_optimizer
 from cla_jax.train.state import abstract_state, init_state
-from cla_jax.train.step import make_eval_step, make_train_step
+from cla_jax.train.step import make_train_step
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -96,6 +96,8 @@ class _StopOnSigterm:
 
 def validation_metrics(eval_step, params, corpus: Corpus, train, mesh,
                        max_batches: int | None):
+    """Evaluates `params` on the corpus's validation split (at most `max_batches` batches)
+    and returns its metrics (`evaluation.evaluate`)."""
     batches = eval_batches(corpus.validation, train.seq_len, train.batch_size,
                            *sharding.data_share(mesh), **corpus.special_ids)
     if max_batches:
@@ -124,6 +126,7 @@ def check_data_order(saved: dict | None, current: dict, where) -> None:
 
 
 def check_meta_model(meta: dict, model: ModelConfig, workdir) -> None:
+    """Raises unless a checkpoint's saved model config is the run's."""
     saved = ModelConfig.from_dict(meta["config"]["model"]).to_dict()
     checkpoint.check_same_model(saved, model.to_dict(), workdir)
 
@@ -147,6 +150,8 @@ def restores_data(meta: dict, restart_data: bool) -> bool:
 
 
 def resume_line(resumed: checkpoint.Resumed, ckpt_dir, data_restored: bool) -> str:
+    """The line printed on resuming: the step and directory, damaged checkpoints moved aside,
+    and whether the data position was restored."""
     moved = [f"checkpoint step {error.step} is damaged ({error.problem}); moved it to "
              f"{target}, every byte kept; " for error, target in resumed.set_aside]
     return ("".join(moved) + f"resumed from step {resumed.step} in {ckpt_dir}" +
@@ -176,7 +181,7 @@ def train_and_evaluate(config, workdir, cache_dir,
     order = data_order(train, corpus)
     optimizer = make_optimizer(train)
     train_step = make_train_step(model, optimizer, train.grad_accum_steps, mesh)  # checks mesh
-    eval_step = make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
+    eval_step = evaluation.make_eval_step(model, corpus.tokenizer.token_bytes(), mesh)
 
     def check_resumable(step: int, meta: dict) -> None:
         """Refuses another run's checkpoint, on the meta of the step about to be restored,

@@ -47,6 +47,8 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(train) -> optax.GradientTransformation:
+    """AdamW on the warm-up/decay schedule, after global-norm gradient clipping; no weight
+    decay on norms (`weight_decay_mask`)."""
     return optax.chain(
         optax.clip_by_global_norm(train.grad_clip),
         optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2,

@@ -16,6 +16,7 @@ from cla_jax.model import abstract_params, init_params
 
 @flax.struct.dataclass
 class TrainState:
+    """What training carries from step to step: the step, the params and the optimizer state."""
     step: jax.Array
     params: dict
     opt_state: optax.OptState

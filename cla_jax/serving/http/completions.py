@@ -7,9 +7,9 @@ import dataclasses
 import math
 from typing import Callable, Sequence
 
-from cla_jax.server import fields
-from cla_jax.server.errors import bad_request
 from cla_jax.serving import Completion, Request
+from cla_jax.serving.http import fields
+from cla_jax.serving.http.errors import bad_request
 
 NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "frequency_penalty": 0,
            "presence_penalty": 0, "logit_bias": {}}
@@ -24,6 +24,7 @@ class Options:
 
 
 def is_token_list(value) -> bool:
+    """Whether `value` is a prompt given as a list of token ids."""
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                            for t in value)
 
@@ -75,6 +76,7 @@ def parse(body, model_name: str, encode: Callable[[str], list[int]],
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
+    """One generated token's text and logprob, and where its text starts in the choice's text."""
     text: str
     logprob: float | None
     offset: int  # into the choice's text: the length of the text of the tokens before
@@ -109,6 +111,7 @@ class LogprobsWriter:
 
 
 def logprobs_json(entries: list[TokenLogprob]) -> dict:
+    """The completions API's `logprobs` object for a choice's tokens."""
     return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
             "text_offset": [e.offset for e in entries], "top_logprobs": None}
 

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cla_jax.errors import UserError
-from cla_jax.server.limits import Limits
+from cla_jax.serving.http.limits import Limits
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -26,11 +26,13 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def url_of(sock: socket.socket) -> str:
+    """The API's base URL on a listening socket: http://host:port/v1."""
     host, port = sock.getsockname()[:2]
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline of `seconds` on each request's headers."""
     class HeaderTimeoutProtocol(H11Protocol):
         """h11 with a deadline on each request's headers."""
         _header_timer: asyncio.TimerHandle | None = None
@@ -70,6 +72,7 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
 
 
 def make_server(app: ASGIApp, limits: Limits = Limits()) -> uvicorn.Server:
+    """A uvicorn server for `app` with the limits' header and keep-alive timeouts."""
     return uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
         http=header_timeout_protocol(limits.header_timeout),

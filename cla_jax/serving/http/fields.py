@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cla_jax.server.errors import bad_request
+from cla_jax.serving.http.errors import bad_request
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
@@ -48,6 +48,7 @@ def refuse_unsupported(body: dict, neutral: dict) -> None:
 
 
 def stop_strings(body: dict) -> tuple[str, ...]:
+    """The request's `stop`: a string or a list of non-empty strings, as a tuple."""
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -86,6 +87,7 @@ def streaming(body: dict) -> tuple[bool, bool]:
 
 
 def model_of(body, model_name: str) -> None:
+    """Checks that the body is a JSON object naming the served model."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")

@@ -8,10 +8,10 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from starlette.requests import Request as HttpRequest
 
-from cla_jax.server.errors import ApiError
-from cla_jax.server.limits import ClientGone
-from cla_jax.server.metrics import ServingMetrics
 from cla_jax.serving import Batcher, Completion, Event, Handle, Request
+from cla_jax.serving.http.errors import ApiError
+from cla_jax.serving.http.limits import ClientGone
+from cla_jax.serving.http.metrics import ServingMetrics
 
 T = TypeVar("T")
 
@@ -97,6 +97,7 @@ async def _disconnected(http: HttpRequest) -> None:
 
 
 def deadline_error(seconds: float) -> ApiError:
+    """The 504 ApiError of a request cancelled at the server's deadline."""
     return ApiError(504, f"the request ran past the server's deadline of {seconds:g} s "
                          "(--request_timeout) and was cancelled; ask for fewer tokens",
                     code="timeout")

@@ -19,11 +19,13 @@ import math
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 
-from cla_jax.server.errors import ApiError, bad_request
+from cla_jax.serving.http.errors import ApiError, bad_request
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
+    """What one client may ask of the server: body size, prompts per request, queued tokens
+    and the time limits (see the flags of cla-serve)."""
     max_body_bytes: int = 4 << 20
     max_prompts: int = 32
     max_queued_tokens: int | None = None   # None: (4 x slots, or max_prompts) x max_length
@@ -83,6 +85,7 @@ def parse_json(body: bytes):
 
 
 def check_prompt_count(count: int, limits: Limits) -> None:
+    """A 400 when a request holds more prompts than --max_prompts."""
     if count > limits.max_prompts:
         raise bad_request(f"{count} prompts in one request; this server takes at most "
                           f"{limits.max_prompts} (--max_prompts): split them over several "

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-log = logging.getLogger("cla_jax.server")
+log = logging.getLogger("cla_jax.serving.http")
 
 # OpenAI's `type` per status.
 KINDS = {400: "invalid_request_error", 401: "invalid_request_error",
@@ -48,6 +48,7 @@ class ApiError(Exception):
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
+    """A 400 ApiError, naming the request field at fault."""
     return ApiError(400, message, param)
 
 

@@ -22,14 +22,15 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cla_jax.server import chat, completions
-from cla_jax.server import limits as limits_lib
-from cla_jax.server.auth import ApiKeys
-from cla_jax.server.errors import EXCEPTION_HANDLERS, ApiError, UnhandledErrors, bad_request, log
-from cla_jax.server.limits import ClientGone, Limits
-from cla_jax.server.metrics import ServingMetrics
-from cla_jax.server.running import Submission, deadline_error, unless_client_leaves
 from cla_jax.serving import Batcher, Request, RequestError
+from cla_jax.serving.http import chat, completions
+from cla_jax.serving.http import limits as limits_lib
+from cla_jax.serving.http.auth import ApiKeys
+from cla_jax.serving.http.errors import (EXCEPTION_HANDLERS, ApiError, UnhandledErrors,
+                                         bad_request, log)
+from cla_jax.serving.http.limits import ClientGone, Limits
+from cla_jax.serving.http.metrics import ServingMetrics
+from cla_jax.serving.http.running import Submission, deadline_error, unless_client_leaves
 
 
 def make_app(batcher: Batcher, tokenizer, model_name: str,

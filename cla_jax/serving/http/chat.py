@@ -21,10 +21,10 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from cla_jax.errors import UserError
-from cla_jax.server import fields
-from cla_jax.server.completions import Options, TokenLogprob
-from cla_jax.server.errors import bad_request
 from cla_jax.serving import Completion, Request
+from cla_jax.serving.http import fields
+from cla_jax.serving.http.completions import Options, TokenLogprob
+from cla_jax.serving.http.errors import bad_request
 
 NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {},
            "tools": [], "tool_choice": "none", "functions": [], "parallel_tool_calls": False,
@@ -132,6 +132,7 @@ def _content(message: dict, index: int) -> str:
 
 
 def messages_of(body: dict) -> list[dict]:
+    """The request's `messages`, checked: a non-empty list of {role, content} objects."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {\"role\": ..., \"content\": "

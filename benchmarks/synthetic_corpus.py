@@ -20,8 +20,12 @@ Sizes count document text (UTF-8 bytes), not JSON or compression overhead. The s
 arguments write byte-identical files. Files are streamed out a few MB at a time, so a
 corpus larger than memory is fine.
 
-    python -m cla_jax.data.synthetic --out_dir=/tmp/corpus --size=500M \
+    python benchmarks/synthetic_corpus.py --out_dir=/tmp/corpus --size=500M \
         --format=jsonl.zst --num_files=64 --seed=0
+
+A benchmark tool, not library code: it lives beside the benchmarks that use it
+(data_pipeline.py, tokenizer_speed.py) and is importable as `benchmarks.synthetic_corpus`
+from the repository root.
 """
 from __future__ import annotations
 
@@ -31,12 +35,14 @@ import json
 import math
 import pathlib
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from cla_jax.errors import UserError
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from cla_jax.errors import UserError  # noqa: E402
 
 FORMATS = ("txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 PARAGRAPHS, LINES, HUGE_LINE = 0, 1, 2
@@ -300,14 +306,18 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: writes a corpus (see the module docstring) and prints its size and
+    rate."""
     # argparse, not absl flags: importing this module must not define global flags.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--out_dir", required=True, help="folder the files are written to")
     parser.add_argument("--size", required=True, help="text bytes, e.g. 10K, 500M, 2G")
-    parser.add_argument("--format", default="jsonl.zst", choices=FORMATS)
-    parser.add_argument("--num_files", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text_field", default="text")
+    parser.add_argument("--format", default="jsonl.zst", choices=FORMATS, help="file format")
+    parser.add_argument("--num_files", type=int, default=64, help="files to split it over")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the same seed writes byte-identical files")
+    parser.add_argument("--text_field", default="text",
+                        help="the JSON key / parquet column of the text")
     args = parser.parse_args(argv)
     try:
         total_bytes = parse_size(args.size)

@@ -11,7 +11,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cla_jax.errors import UserError
-from cla_jax.server.errors import ApiError
+from cla_jax.serving.http.errors import ApiError
 
 API_KEY_ENV = "CLA_API_KEY"
 PROTECTED_PREFIX = "/v1"
@@ -49,6 +49,7 @@ def _unauthorized(message: str) -> ApiError:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (localhost, 127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

@@ -18,6 +18,10 @@ GPU programs: 16 reductions of 412 MB a step for the paper's 1B at 2048 tokens).
 one unsharded [D, V / tensor] float32 accumulator per device.
 
     nll_BT = chunked_nll(hidden_BTD, unembedding(config, params), targets_BT, chunk_size)
+
+`token_nll` is the model's NLL of every target of a packed batch, chunked or not (by
+`config.loss_chunk_size`): what the training step (`train.step`) and the evaluation step
+(`evaluation.make_eval_step`) both score with.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 
 from cla_jax.config import ModelConfig
 from cla_jax.model.layers import cast_then_gather
+from cla_jax.model.transformer import Transformer
 from cla_jax.sharding import constrain, split_over
 
 F32 = jnp.float32
@@ -175,3 +180,23 @@ def _sum_backward(chunk_size, saved, g):
 
 
 chunked_nll_sum.defvjp(_sum_forward, _sum_backward)
+
+
+def forward(config: ModelConfig, params, batch, return_hidden: bool) -> jax.Array:
+    """The model over a packed batch (inputs, positions, segment_ids): logits [B, L, vocab],
+    or the final hidden states [B, L, D] with return_hidden."""
+    return Transformer(config).apply({"params": params}, batch["inputs"], batch["positions"],
+                                     batch["segment_ids"], return_hidden=return_hidden)[0]
+
+
+def token_nll(config: ModelConfig, params, batch) -> jax.Array:
+    """Negative log-likelihood of every target token, float32 [B, L]: over chunks of
+    `config.loss_chunk_size` positions (`chunked_nll`), or from whole logits when it is 0."""
+    if config.loss_chunk_size:
+        hidden_BLD = forward(config, params, batch, return_hidden=True)
+        return chunked_nll(hidden_BLD, unembedding(config, params), batch["targets"],
+                           config.loss_chunk_size)
+    logits = forward(config, params, batch, return_hidden=False)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return logz - target_logit
