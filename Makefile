@@ -8,7 +8,7 @@ CACHE ?= $(HOME)/.cache/cla-jax
 
 STACK := $(VENV)/compile-stack
 
-.PHONY: demo test clean device-check compile-stack
+.PHONY: demo test clean device-check compile-stack docs
 
 $(VENV)/installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ DEVICE_CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 device-check:
 	$(DEVICE_CHECK_PY) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/, warnings as errors, as
+# tests/test_docs.py builds it. Open site/index.html.
+docs: $(VENV)/installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)

@@ -1,6 +1,6 @@
-"""The README's python and bash code blocks run as written.
+"""The python and bash code blocks of the README and of the guides (docs/**/*.md) run as written.
 
-Each block is run unless the README marks it, on the line after its closing fence:
+Each block is run unless its file marks it, on the line after its closing fence:
 
     <!-- readme-test: not run: REASON -->   reported as a skip with that reason (pytest -ra)
     <!-- readme-test: server -->            started in the background for the blocks below
@@ -35,34 +35,48 @@ from cla_jax.model import init_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# The README and every page of the documentation site: blocks moved from one to the other keep
+# being run, with the same marks.
+SOURCES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```\n(?:<!-- readme-test: (.*?) -->\n)?",
                    re.S | re.M)
 NOT_RUN = "not run: "
 SERVER, WITH_SERVER = "server", "with the server"
-KEEP_OUT = {".git", ".venv", "workdir", "runs", ".pytest_cache"}  # a user's own runs stay out
+# A user's own runs, and the built site, stay out.
+KEEP_OUT = {".git", ".venv", "workdir", "runs", ".pytest_cache", "site"}
 BLOCK_TIMEOUT_S = 180
 
 
-def readme_blocks() -> list[tuple[int, str, str, str]]:
-    """(line, language, code, mark) of every python/bash block, in order."""
-    text = README.read_text()
-    return [(text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2), m.group(3) or "")
-            for m in BLOCK.finditer(text)]
+def readme_blocks() -> list[tuple[str, int, str, str, str]]:
+    """(file, line, language, code, mark) of every python/bash block, in order, file by file
+    (file relative to the repository root)."""
+    blocks = []
+    for source in SOURCES:
+        text, name = source.read_text(), source.relative_to(ROOT).as_posix()
+        blocks += [(name, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2),
+                    m.group(3) or "") for m in BLOCK.finditer(text)]
+    return blocks
 
 
 BLOCKS = readme_blocks()
 
 
 def block_id(block) -> str:
-    line, language, code, _ = block
-    return f"L{line}-{language}-{code.splitlines()[0][:40]}"
+    source, line, language, code, _ = block
+    return f"{source}:L{line}-{language}-{code.splitlines()[0][:40]}"
+
+
+def script_name(source: str, line: int) -> str:
+    """A file name for a block's script, unique across the sources."""
+    return "block_" + re.sub(r"\W", "_", source.removesuffix(".md")) + f"_{line}"
 
 
 def test_every_mark_is_known_and_every_server_block_has_its_server():
     marks = [mark for *_, mark in BLOCKS]
     assert all(m in ("", SERVER, WITH_SERVER) or m.startswith(NOT_RUN) for m in marks), marks
     assert (SERVER in marks) == (WITH_SERVER in marks)
-    assert len(BLOCKS) >= 15  # the regex still finds the README's blocks
+    assert len(BLOCKS) >= 15  # the regex still finds the blocks
+    assert {source for source, *_ in BLOCKS} >= {"README.md", "docs/guides/serving.md"}
 
 
 @pytest.fixture(scope="module")
@@ -110,23 +124,23 @@ def run_block(language: str, code: str, root: pathlib.Path, env: dict, name: str
     return result
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b[3] not in (SERVER, WITH_SERVER)],
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b[4] not in (SERVER, WITH_SERVER)],
                          ids=block_id)
 def test_readme_block_runs(block, request):
-    line, language, code, mark = block
+    source, line, language, code, mark = block
     if mark.startswith(NOT_RUN):
-        pytest.skip(f"README.md:{line} {mark}")
+        pytest.skip(f"{source}:{line} {mark}")
     root, env = request.getfixturevalue("sandbox")
-    run_block(language, code, root, env, f"block_{line}")
+    run_block(language, code, root, env, script_name(source, line))
 
 
 def test_the_server_blocks_run_against_the_served_demo(sandbox):
     """The serve.py block, started in the background; then the blocks that talk to it."""
     root, env = sandbox
-    (server,) = [b for b in BLOCKS if b[3] == SERVER]
-    clients = [b for b in BLOCKS if b[3] == WITH_SERVER]
+    (server,) = [b for b in BLOCKS if b[4] == SERVER]
+    clients = [b for b in BLOCKS if b[4] == WITH_SERVER]
     port = free_port()
-    command = server[2].splitlines()[0].split("#")[0].strip()
+    command = server[3].splitlines()[0].split("#")[0].strip()
     assert command == "python serve.py --workdir=workdir/demo", command
     process = subprocess.Popen(["bash", "-c", f"exec {command} --port={port}"], cwd=root,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -140,11 +154,11 @@ def test_the_server_blocks_run_against_the_served_demo(sandbox):
                 break
         assert seen[-1].startswith(f"serving demo (step 0) at http://127.0.0.1:{port}/v1"), \
             "".join(seen)[-3000:]
-        for line, language, code, _ in clients:
+        for source, line, language, code, _ in clients:
             assert "127.0.0.1:8000" in code
             result = run_block(language, code.replace("127.0.0.1:8000", f"127.0.0.1:{port}"),
-                               root, env, f"block_{line}")
-            assert result.stdout.strip(), f"README.md:{line} printed nothing"
+                               root, env, script_name(source, line))
+            assert result.stdout.strip(), f"{source}:{line} printed nothing"
             assert '"error"' not in result.stdout, result.stdout  # curl exits 0 on a 400
     finally:
         process.terminate()
