@@ -275,6 +275,9 @@ def tokenizer_files(metadata: dict, hf: dict, path: pathlib.Path) -> dict[str, s
     def text(key: str):
         i = metadata.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+    tokenizer.post_processor = bos_eos_template(
+        metadata, text("bos") if metadata.get("tokenizer.ggml.add_bos_token") else None,
+        text("eos") if metadata.get("tokenizer.ggml.add_eos_token") else None)
     eos = hf.get("eos_token_id")
     stops = [i for i in (eos, metadata.get("tokenizer.ggml.eot_token_id"),
                          metadata.get("tokenizer.ggml.eom_token_id")) if i is not None]
@@ -294,6 +297,23 @@ def tokenizer_files(metadata: dict, hf: dict, path: pathlib.Path) -> dict[str, s
     return {"tokenizer.json": tokenizer.to_str(), "config.json": dump(hf),
             "generation_config.json": dump(generation),
             "tokenizer_config.json": dump(tokenizer_config)}
+
+
+def bos_eos_template(metadata: dict, bos: str | None, eos: str | None):
+    """The post-processor that adds what the file's add_bos_token / add_eos_token say (as
+    transformers' LlamaTokenizerFast builds it from the same flags), or None: so that
+    `encode(text)` gives what llama.cpp and transformers give (Llama 2 and 3: bos first)."""
+    if bos is None and eos is None:
+        return None
+    from tokenizers import processors  # noqa: PLC0415
+    ids = {t: metadata[f"tokenizer.ggml.{k}_token_id"] for k, t in (("bos", bos), ("eos", eos))
+           if t is not None}
+    first, last = ([f"{bos}:0"] if bos else []), ([f"{eos}:0"] if eos else [])
+    pair_first, pair_last = ([f"{bos}:1"] if bos else []), ([f"{eos}:1"] if eos else [])
+    return processors.TemplateProcessing(
+        single=[*first, "$A:0", *last], pair=[*first, "$A:0", *last, *pair_first, "$B:1",
+                                             *pair_last],
+        special_tokens=list(ids.items()))
 
 
 def byte_level_bpe(metadata: dict, tokens: list[str], path: pathlib.Path):

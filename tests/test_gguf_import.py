@@ -226,6 +226,19 @@ def test_the_tokenizer_is_built_from_the_metadata(tmp_path):
     assert (config["bos_token"], config["eos_token"]) == ("<|begin_of_text|>", "<|end_of_text|>")
 
 
+@pytest.mark.parametrize("add_bos, add_eos", [(True, False), (False, False), (True, True)])
+def test_add_bos_and_eos_tokens_act_on_encoding(tmp_path, add_bos, add_eos):
+    """tokenizer.ggml.add_bos_token / add_eos_token (true in every Llama 2/3 and Mistral file)
+    make transformers' and llama.cpp's encode(text) put bos first / eos last: the imported
+    tokenizer.json does the same, so lm-eval's HF conventions see what --model hf sees."""
+    write_gguf(tmp_path / "model.gguf", "mha", metadata={
+        "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": add_eos})
+    gguf_import.import_gguf(tmp_path / "model.gguf", tmp_path / "run")
+    tokenizer = load_tokenizer(str(tmp_path / "run" / "tokenizer"))
+    ids = tokenizer.encode(TEXT)  # the bare ids never change
+    assert tokenizer.encode_with_special_tokens(TEXT) == [0] * add_bos + ids + [1] * add_eos
+
+
 def test_eot_and_eom_end_a_generation_too(tmp_path):
     write_gguf(tmp_path / "model.gguf", "gqa", metadata={"tokenizer.ggml.eot_token_id": 7,
                                                           "tokenizer.ggml.eom_token_id": 9})

@@ -122,7 +122,7 @@ def numpy_scores(run, rows, num_scored):
     return out
 
 
-def reference_loglikelihood(run, pairs):
+def reference_loglikelihood(run, pairs, max_length=SEQ_LEN):
     """lm_eval's scoring of (context, continuation), by hand for the byte tokenizer: [bos] +
     bytes, trailing spaces of the context moved to the continuation, the last max_length + 1
     tokens kept."""
@@ -130,7 +130,7 @@ def reference_loglikelihood(run, pairs):
     for context, continuation in pairs:
         cut = len(context.rstrip())
         context, continuation = context[:cut], context[cut:] + continuation
-        rows.append(([BOS] + TOKENIZER.encode(context + continuation))[-(SEQ_LEN + 1):])
+        rows.append(([BOS] + TOKENIZER.encode(context + continuation))[-(max_length + 1):])
         num_scored.append(len(TOKENIZER.encode(continuation)))
     return numpy_scores(run, rows, num_scored)
 
@@ -163,6 +163,20 @@ def test_loglikelihood_of_a_continuation_equals_numpy_from_the_logits(run, lm):
         assert logprob == pytest.approx(want_logprob, rel=1e-5, abs=1e-4)
         assert greedy == want_greedy
     assert got[-1][1] and not got[0][1]
+
+
+def test_any_max_length_and_chunk_size_score_the_same(run):
+    """A top bucket (max_length 40) and chunks (12 positions) that do not divide each other:
+    the chunks are padded, never scored, and the numbers still equal numpy's."""
+    from cla_jax.lm_eval import ClaJaxLM
+    lm = ClaJaxLM(workdir=str(run[0]), batch_size=BATCH, cache_dir=str(run[0] / "cache"),
+                  max_length=40, loss_chunk_size=12)
+    pairs = [("a" * 60 + " far away", " spoke"), ("the king", " and queen"), ("", "ROMEO:")]
+    got = lm.loglikelihood(instances("loglikelihood", pairs))
+    for (logprob, greedy), (want_logprob, want_greedy) in zip(
+            got, reference_loglikelihood(run, pairs, max_length=40)):
+        assert logprob == pytest.approx(want_logprob, rel=1e-5, abs=1e-4)
+        assert greedy == want_greedy
 
 
 def test_multiple_choice_accuracy_equals_argmax_of_numpy_logprobs(run, evaluated):

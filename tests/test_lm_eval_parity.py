@@ -75,7 +75,7 @@ def test_every_request_type_equals_hflm(imported, variant):
     assert generated == expected["generate_until"]
 
 
-def test_a_model_trained_here_keeps_its_document_convention(imported):
+def test_an_imported_model_gets_hf_conventions_and_bad_args_one_error(imported):
     """The HF conventions follow the tokenizer: an imported model gets HFLM's, and its
     prefix is the tokenizer's bos; a bad flag value is one clear error."""
     from cla_jax.errors import UserError
@@ -86,3 +86,30 @@ def test_a_model_trained_here_keeps_its_document_convention(imported):
         adapter(workdir, add_bos_token="maybe")
     with pytest.raises(UserError, match="prefix_token_id=100000 is not a token id"):
         adapter(workdir, prefix_token_id=100000)
+
+
+def test_a_context_of_no_tokens_is_refused_not_scored(imported):
+    """HFLM asserts on a context that encodes to nothing (a whitespace context whose spaces
+    move to the continuation, with a tokenizer that adds no bos); scoring it would give the
+    continuation a perfect (0.0, True). The Llama 3-style tokenizer adds bos, so it scores."""
+    from cla_jax.errors import UserError
+    name, workdir = imported
+    lm = adapter(workdir)
+    requests = [Instance("loglikelihood", {}, ("   ", "Hello world"), 0)]
+    if name == "gpt2_style":
+        with pytest.raises(UserError, match="encodes to no tokens"):
+            lm.loglikelihood(requests)
+    else:
+        (logprob, _), = lm.loglikelihood(requests)
+        assert logprob < 0
+
+
+def test_a_text_starting_with_the_prefix_tokens_text_gets_no_bos(tmp_path):
+    """HFLM compares a text's start with `tokenizer.decode(prefix_token_id)`, the decoded text
+    (" the"), not the vocabulary entry ("Ġthe"): with prefix_token_id=260 on the Llama 3-style
+    model, HFLM encoded " the cat" as [260, 220, 66, 270] (no bos: the text brings its own)."""
+    workdir = tmp_path / "llama3_style"
+    import_checkpoint(FIXTURES / "hf_models" / "llama3_style", workdir)
+    lm = adapter(workdir, prefix_token_id=260)
+    assert lm.tok_encode(" the cat") == [260, 220, 66, 270]
+    assert adapter(workdir).tok_encode(" the cat")[0] == 300  # bos by default

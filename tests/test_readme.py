@@ -76,6 +76,9 @@ def test_every_mark_is_known_and_every_server_block_has_its_server():
     assert all(m in ("", SERVER, WITH_SERVER) or m.startswith(NOT_RUN) for m in marks), marks
     assert (SERVER in marks) == (WITH_SERVER in marks)
     assert len(BLOCKS) >= 15  # the regex still finds the blocks
+    # The blocks that really run (a mark may only excuse what cannot run on a CPU): today the
+    # two config blocks, the serving snippet, serve.py and its curl and openai clients.
+    assert sum(not mark.startswith(NOT_RUN) for *_, mark in BLOCKS) >= 6
     assert {source for source, *_ in BLOCKS} >= {"README.md", "docs/guides/serving.md"}
 
 

@@ -199,5 +199,6 @@ def prepare_corpus(data, cache_dir, max_vocab_size: int | None = None, *,
             raise DataConfigError(
                 f"the {split} split of {s['source']!r} holds {info['documents']} documents "
                 f"({info['tokens']} tokens); give more documents, or change "
-                "data.validation_fraction / data.validation_source")
+                "data.validation_fraction / data.validation_source (eval.py: --split=all reads "
+                "a corpus whole)")
     return Corpus(tokenizer, store, store.split(sources.TRAIN), store.split(sources.VALIDATION))

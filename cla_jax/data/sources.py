@@ -204,7 +204,8 @@ def check_file(path: str, text_field: str) -> None:
             names = pq.ParquetFile(f).schema_arrow.names
         if text_field not in names:
             raise SourceError(f"{path} has no column {text_field!r} (it has {names}); set "
-                              "--config.data.text_field to the column that holds the text")
+                              "--config.data.text_field (eval.py: --text_field) to the column "
+                              "that holds the text")
     elif kind == "jsonl":
         with _open_text_lines(path) as lines:
             for number, line in enumerate(lines, 1):
@@ -380,8 +381,8 @@ def _json_text(line: str, path: str, number: int, text_field: str) -> str | None
     if not isinstance(text, str):
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise SourceError(f"{path} line {number} has no text field {text_field!r} (it has "
-                          f"{keys}); set --config.data.text_field to the field that holds "
-                          "the text")
+                          f"{keys}); set --config.data.text_field (eval.py: --text_field) to the "
+                          "field that holds the text")
     return text
 
 
@@ -478,7 +479,8 @@ def _tfds_pieces(spec: str, text_field: str, data_dir):
         for index, record in zip(indices, source.__getitems__(indices)):
             if text_field not in record:
                 raise SourceError(f"TFDS dataset {name!r} has no feature {text_field!r} (it "
-                                  f"has {sorted(record)}); set --config.data.text_field")
+                                  f"has {sorted(record)}); set --config.data.text_field "
+                                  "(eval.py: --text_field)")
             text = record[text_field]
             text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
             yield f"tfds:{name}/{split}#{index}", text, True, index + 1 - int(start)

@@ -437,6 +437,10 @@ class HFModelTokenizer(HFTokenizer):
         token = token.get("content") if isinstance(token, dict) else token
         return self._tokenizer.token_to_id(token) if token else None
 
+    def decode_with_special_tokens(self, ids: list[int]) -> str:
+        """The text of `ids`, special tokens spelled out: transformers' `decode(ids)`."""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
     def encode_with_special_tokens(self, text: str) -> list[int]:
         """The ids with the special tokens tokenizer.json's post-processor adds (Llama 3's
         <|begin_of_text|>, none for GPT-2-style BPE): transformers' `encode(text)` default."""

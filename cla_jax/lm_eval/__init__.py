@@ -13,8 +13,9 @@ importing this package registers "cla_jax" and `main` runs lm_eval's own CLI aft
 (`cla_jax.lm_eval_adapter`, the module this package grew from, still works as a name for it.)
 
 model_args: workdir (required), step (default: the newest good one), batch_size (rows per
-device call, default 16, rounded up to a multiple of the mesh's data x fsdp), max_length
-(tokens a row sees), add_bos_token (True/False), prefix_token_id, mesh (e.g.
+device call, rounded up to a multiple of the mesh's data x fsdp; without it, lm_eval's own
+--batch_size, whose default is 1: give batch_size=16 or more; 16 from Python without either),
+max_length (tokens a row sees), add_bos_token (True/False), prefix_token_id, mesh (e.g.
 "fsdp=4;tensor=2": ';' because lm_eval splits model_args on ','; default the run's
 config.mesh), cache_dtype (generation's KV cache, default float32), cache_dir (where the run's
 tokenizer is), max_gen_toks (default 256), seed (of sampled generations), loss_chunk_size

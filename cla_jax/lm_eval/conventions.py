@@ -67,7 +67,7 @@ def encode(tokenizer, hf: bool, string: str, add_bos_token: bool | None, prefix_
     ids = tokenizer.encode(string)
     if hf:
         special = add_bos_token if add_special_tokens is None else add_special_tokens
-        prefix_text = tokenizer.token_text(prefix_token_id)
+        prefix_text = tokenizer.decode_with_special_tokens([prefix_token_id])  # HFLM's
         if add_special_tokens is None and prefix_text and string.startswith(prefix_text):
             special = False  # the text brings its own bos
         if special is not False:

@@ -161,7 +161,12 @@ class ClaJaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(request strings or None, context ids, continuation ids) -> (logprob, is_greedy)."""
         rows, num_scored = [], []
-        for _, context_enc, continuation_enc in requests:
+        for strings, context_enc, continuation_enc in requests:
+            if not context_enc:  # HFLM asserts; scoring the first token from nothing is no score
+                context = (strings or ("",))[0]
+                raise UserError(f"the context {context!r} encodes to no tokens (its trailing "
+                                "spaces moved to the continuation, and this tokenizer adds no "
+                                "bos): give the task a context, or add_bos_token=True")
             if not 0 < len(continuation_enc) <= self.max_length:
                 raise UserError(f"a continuation of {len(continuation_enc)} tokens cannot be "
                                 f"scored with max_length {self.max_length}")
@@ -247,7 +252,8 @@ class ClaJaxLM(TemplateLM):
         """(prompt ids, Request sampling settings, stop strings) for one request
         (`conventions.generation_settings`), the context cut from the left to leave room for
         max_tokens."""
-        eos = self.tokenizer.token_text(self.eot_token_id) if self.hf_conventions else None
+        eos = self.tokenizer.decode_with_special_tokens([self.eot_token_id]) \
+            if self.hf_conventions else None
         settings, until, unused = conventions.generation_settings(
             gen_kwargs, self.max_gen_toks, self.max_length, eos)
         if set(unused) - self._ignored:

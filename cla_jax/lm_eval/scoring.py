@@ -43,8 +43,12 @@ def make_scorer(config, mesh, chunk_size: int = DEFAULT_CHUNK):
             hidden_BLD, _ = model.apply({"params": params}, inputs_BL, positions_BL,
                                         segment_ids_BL, return_hidden=True)
             b, length, d = hidden_BLD.shape
-            c = min(chunk_size or length, length)  # buckets are powers of two: c divides
-            by_chunk = lambda x: x.reshape(b, length // c, c, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+            c = min(chunk_size or length, length)
+            pad = -length % c  # the top bucket is max_length itself: any number of positions
+
+            def by_chunk(x):  # [B, L, ...] -> [L / c, B, c, ...], padding never scored
+                x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+                return x.reshape(b, (length + pad) // c, c, *x.shape[2:]).swapaxes(0, 1)
             logprob_NBC, greedy_NBC = jax.lax.map(
                 lambda xs: chunk_scores(unembedding(config, params), *xs),
                 (by_chunk(hidden_BLD), by_chunk(targets_BL)))
@@ -67,6 +71,7 @@ def pack_rows(rows, num_scored, batch_size: int, length: int):
     scored = np.zeros((batch_size, length), bool)
     for b, (row, num) in enumerate(zip(rows, num_scored)):
         n = len(row) - 1
+        assert 0 < num <= n, f"a row of {n} targets cannot score its last {num}"
         inputs[b, :n], targets[b, :n], segment_ids[b, :n] = row[:-1], row[1:], 1
         scored[b, n - num:n] = True
     return inputs, targets, segment_ids, scored
