@@ -8,13 +8,15 @@ and is never scored, whatever its token id.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cla_jax import sharding
 from cla_jax.model import Transformer
-from cla_jax.model.loss import unembedding
+from cla_jax.model.loss import position_chunks, unembedding
 
 DEFAULT_CHUNK = 128  # positions unembedded at a time
 IN_FLIGHT = 4  # scoring batches dispatched ahead of the one whose results are read
@@ -28,7 +30,7 @@ def make_scorer(config, mesh, chunk_size: int = DEFAULT_CHUNK):
 
     def chunk_scores(unembed_DV, hidden_BCD, targets_BC):
         """float32 (target logprob, target is the argmax) [B, C] of one chunk of positions."""
-        logits_BCV = jnp.einsum("bcd,dv->bcv", hidden_BCD, unembed_DV.astype(hidden_BCD.dtype),
+        logits_BCV = jnp.einsum("bcd,dv->bcv", hidden_BCD, unembed_DV,
                                 preferred_element_type=jnp.float32)
         target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], -1)[..., 0]
         logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
@@ -42,15 +44,14 @@ def make_scorer(config, mesh, chunk_size: int = DEFAULT_CHUNK):
             positions_BL = jnp.broadcast_to(jnp.arange(inputs_BL.shape[1]), inputs_BL.shape)
             hidden_BLD, _ = model.apply({"params": params}, inputs_BL, positions_BL,
                                         segment_ids_BL, return_hidden=True)
-            b, length, d = hidden_BLD.shape
-            c = min(chunk_size or length, length)
-            pad = -length % c  # the top bucket is max_length itself: any number of positions
-
-            def by_chunk(x):  # [B, L, ...] -> [L / c, B, c, ...], padding never scored
-                x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-                return x.reshape(b, (length + pad) // c, c, *x.shape[2:]).swapaxes(0, 1)
+            length = hidden_BLD.shape[1]
+            # [L / c, B, c, ...], the last chunk zero-padded (the top bucket is max_length
+            # itself, any number of positions): padding is never scored.
+            by_chunk = functools.partial(position_chunks, chunk_size=min(chunk_size or length,
+                                                                         length))
+            unembed_DV = unembedding(config, params).astype(hidden_BLD.dtype)  # cast once
             logprob_NBC, greedy_NBC = jax.lax.map(
-                lambda xs: chunk_scores(unembedding(config, params), *xs),
+                lambda xs: chunk_scores(unembed_DV, *xs),
                 (by_chunk(hidden_BLD), by_chunk(targets_BL)))
             scored_NBC = by_chunk(scored_BL)
             sums_B = jnp.sum(jnp.where(scored_NBC, logprob_NBC, 0.0), axis=(0, 2))

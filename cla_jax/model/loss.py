@@ -48,7 +48,7 @@ def unembedding(config: ModelConfig, params) -> jax.Array:
         params["unembed"]["kernel"]
 
 
-def _chunks(x_BT_, chunk_size: int):
+def position_chunks(x_BT_, chunk_size: int):
     """[B, T, ...] -> [T / chunk, B, chunk, ...], zero-padded along T to whole chunks."""
     b, t = x_BT_.shape[:2]
     pad = -t % chunk_size
@@ -57,7 +57,7 @@ def _chunks(x_BT_, chunk_size: int):
 
 
 def _unchunk(x_NBC_, t: int):
-    """The inverse of `_chunks`: [N, B, C, ...] -> [B, t, ...]."""
+    """The inverse of `position_chunks`: [N, B, C, ...] -> [B, t, ...]."""
     x_BNC_ = x_NBC_.swapaxes(0, 1)
     return x_BNC_.reshape(x_BNC_.shape[0], -1, *x_BNC_.shape[3:])[:, :t]
 
@@ -111,7 +111,7 @@ def _scan(hidden_BTD, unembed_DV, targets_BT, chunk_size, g_BT=None, logz_BT=Non
             preferred_element_type=F32), AXES_SDV)
         return d_unembed_SDV, (nll_BC, logz_BC, d_h_BCD)
 
-    xs = tuple(None if x is None else _chunks(x, chunk_size)
+    xs = tuple(None if x is None else position_chunks(x, chunk_size)
                for x in (hidden_BTD, targets_BT, g_BT, logz_BT))
     zeros = None if g_BT is None else constrain(jnp.zeros((shards, *unembed_DV.shape), F32),
                                                 AXES_SDV)
