@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cla_jax import paged_cache
 from cla_jax.cache import KVCache, StageCache, constrain_cache, dequantize, quantize
 from cla_jax.config import REMAT_POLICIES, ModelConfig
 from cla_jax.model.attention import FLASH_KERNELS, SegmentMask, attend, choose_kernel
@@ -74,7 +75,8 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, kv, cache_kv, group, mask, positions_BT):
-        """mask: what `attention_mask` built for the kernel `config.attention`."""
+        """mask: what `attention_mask` built for the kernel `config.attention`, or a paged
+        step's `PagedBatch` (then cache_kv is the stage's block pool)."""
         cfg = self.config
         h_BTD = RMSNorm(cfg, name="attn_norm")(x_BTD)
         if self.produces_kv:
@@ -86,7 +88,10 @@ class DecoderLayer(nn.Module):
             v_BTKH = projection(cfg, kv_features, -1, kv_axes, "value")(kv_in)
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
             axes = ("batch", "length", "kv_heads", "head_dim")
-            if cache_kv is not None:
+            if isinstance(mask, paged_cache.PagedBatch):  # k/v become each row's blocks
+                cache_kv = paged_cache.write(cache_kv, group, k_BTKH, v_BTKH, mask)
+                k_BTKH, v_BTKH = paged_cache.read(cache_kv, group, mask, k_BTKH.dtype)
+            elif cache_kv is not None:
                 cache_kv = write_cache(cache_kv, group, k_BTKH, v_BTKH, positions_BT)
                 k_BTKH, v_BTKH = read_cache(cache_kv, group, self.kv_window, k_BTKH.dtype)
             kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
@@ -95,7 +100,11 @@ class DecoderLayer(nn.Module):
                             ("embed", "heads", "head_dim"), "query")(h_BTD)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
-        out_BTNH = attend(q_BTNH, *kv, mask, kind=cfg.attention, causal_only=self.causal_only)
+        if isinstance(mask, paged_cache.PagedBatch):
+            out_BTNH = paged_cache.attend(q_BTNH, *kv, mask)
+        else:
+            out_BTNH = attend(q_BTNH, *kv, mask, kind=cfg.attention,
+                              causal_only=self.causal_only)
         x_BTD = x_BTD + projection(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"),
                                    "out")(out_BTNH)
         x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTD))
@@ -164,7 +173,8 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, segment_ids_BT=None, cache: KVCache | None = None,
+    def __call__(self, tokens_BT, positions_BT, segment_ids_BT=None,
+                 cache: KVCache | paged_cache.PagedCache | None = None,
                  kv_window: int | None = None, logits_at_B=None, return_hidden: bool = False):
         """Logits [B, T, vocab] in float32 and the updated cache (None without one).
 
@@ -178,6 +188,10 @@ class Transformer(nn.Module):
         part of a prefill, runs on one token per row.
         return_hidden: return the final-normed hidden states [B, T, D] (compute dtype) in
         place of the logits, for a loss that unembeds them itself (`model.loss`).
+
+        A `PagedCache` (one serving step over a block pool, `cla_jax.paged_cache`) takes
+        tokens and positions as [T, 1], one token per row, and returns logits
+        [D + P, 1, vocab] for the tokens its batch samples, and the pool written.
         """
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
@@ -189,16 +203,24 @@ class Transformer(nn.Module):
         x_BTD = constrain(embedding_lookup(embed.embedding, tokens_BT, ("vocab", "embed"),
                                            dtype_of(cfg.dtype)),
                           ("batch", "length", "embed"))
-        if kv_window is not None and cache is not None and not 0 < kv_window <= cache.max_length:
+        paged = isinstance(cache, paged_cache.PagedCache)
+        if paged:
+            kv_window = None
+        elif kv_window is not None and cache is not None and not 0 < kv_window <= cache.max_length:
             raise ValueError(f"kv_window {kv_window} must be in (0, {cache.max_length}]")
-        kv_window = None if cache is None or kv_window == cache.max_length else kv_window
+        if not paged and (cache is None or kv_window == cache.max_length):
+            kv_window = None
         causal_only = cache is None and segment_ids_BT is None
         # One kernel for every layer; the layers see it as their config's `attention`.
         kernel = choose_kernel(cfg.attention, dtype=dtype_of(cfg.dtype),
                                seq_len=tokens_BT.shape[1], causal_only=causal_only,
                                with_cache=cache is not None, num_heads=cfg.num_heads,
                                num_kv_heads=cfg.num_kv_heads)
-        mask = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache, kv_window, kernel)
+        if paged:
+            mask = cache.batch
+        else:
+            mask = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache, kv_window,
+                                  kernel)
 
         new_stages = []
         for s, (group_size, num_groups) in enumerate(cfg.stages):
@@ -209,7 +231,9 @@ class Transformer(nn.Module):
             if cache is not None:
                 new_stages.append(StageCache(*stage_kv))
 
-        if logits_at_B is not None:
+        if paged:
+            x_BTD = x_BTD[cache.batch.sample_rows()]
+        elif logits_at_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
         x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
         if return_hidden:
@@ -223,6 +247,8 @@ class Transformer(nn.Module):
             out = constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return out, None
+        if paged:
+            return out, cache.replace(stages=tuple(new_stages))
         valid_BT = jnp.ones_like(tokens_BT, bool) if segment_ids_BT is None else segment_ids_BT > 0
         written_B = jnp.max(jnp.where(valid_BT, positions_BT + 1, 0), axis=1)
         return out, KVCache(stages=tuple(new_stages), lengths=jnp.maximum(cache.lengths, written_B))

@@ -184,6 +184,14 @@ class _Running:
     token_times: list = dataclasses.field(default_factory=list)
     sent_tokens: int = 0
     sent_text: int = 0
+    # The paged loop's bookkeeping (cla_jax.serving.scheduler): the blocks held, positions
+    # computed, prefix keys of the full blocks, how many are in the prefix cache, admission
+    # order.
+    blocks: list = dataclasses.field(default_factory=list)
+    computed: int = 0
+    keys: list = dataclasses.field(default_factory=list)
+    registered: int = 0
+    admission: int = 0
 
 
 class Batcher:
@@ -359,13 +367,17 @@ class Batcher:
                 self._waiting.remove(running)
         for slot, running in enumerate(self.slots):
             if running is not None and running.handle.request_id in cancelled:
-                self.slots[slot] = None
+                self._vacate(slot)
                 dropped.append(running)
         for running in dropped:
             try:
                 self._finish(running, "cancelled", self._text(running, False)[0])
             except Exception as error:  # noqa: BLE001 (e.g. decode): this request's, not all
                 self._fail(running, error)
+
+    def _vacate(self, slot: int) -> None:
+        """Frees a slot (the paged loop also returns its sequence's blocks)."""
+        self.slots[slot] = None
 
     def _admit(self) -> None:
         for slot, occupant in enumerate(self.slots):
@@ -383,7 +395,7 @@ class Batcher:
                     # everyone, this request (still `_admitting`) included.
                     raise
                 logging.exception("request %d failed to start", running.handle.request_id)
-                self.slots[slot] = None
+                self._vacate(slot)
                 self._fail(running, error)
             self._admitting = None
 
@@ -419,11 +431,11 @@ class Batcher:
                 for i in range(k):
                     running.length += 1
                     if self._add_token(running, int(tokens[i, slot]), float(logprobs[i, slot])):
-                        self.slots[slot] = None  # evicted: the slot takes the next request
+                        self._vacate(slot)  # evicted: the slot takes the next request
                         break
             except Exception as error:  # noqa: BLE001 (e.g. decode): this request's, not all
                 logging.exception("request %d failed", running.handle.request_id)
-                self.slots[slot] = None
+                self._vacate(slot)
                 self._fail(running, error)
 
     # --- one token of one request --------------------------------------------------------
