@@ -58,6 +58,25 @@ def test_paged_greedy_requests_equal_each_request_alone(pattern, kv, cache_dtype
     assert_no_leaks(batcher)
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
+def test_decode_through_the_pallas_gpu_paged_kernel_equals_each_request_alone(cache_dtype):
+    """attention=pallas_gpu: the decode rows read their pages through jax's Triton
+    paged-attention kernel (in Pallas's interpreter on this CPU), int8 scales included."""
+    config = make_config("cla2", "gqa", max_seq_len=32, attention="pallas_gpu", head_dim=16)
+    params = make_params(config, seed=5)
+    requests = [Request(prompt=p, max_tokens=m, temperature=0.0)
+                for p, m in zip(prompts(config, (6, 3)), (6, 8))]
+    engine = PagedEngine(config, params, num_blocks=12, cache_dtype=cache_dtype, **SMALL)
+    x = engine.empty_inputs(4, None, 32)
+    jaxpr = str(engine._step.trace(engine.params, engine.init_state(), x, 2).jaxpr)
+    assert "pallas_call" in jaxpr  # the kernel, not the gather, serves the decode rows
+    xla = PagedEngine(config.replace(attention="xla"), params, num_blocks=12, **SMALL)
+    assert "pallas_call" not in str(xla._step.trace(params, xla.init_state(), x, 2).jaxpr)
+    for request, completion in zip(requests, run_all(PagedBatcher(engine, steps_per_call=2),
+                                                     requests)):
+        assert completion.tokens == alone(config, params, request, cache_dtype)
+
+
 def test_preemption_recomputes_and_changes_nothing_sampled():
     """Sampled requests through a pool so small that sequences are preempted and recomputed
     give the slot engine's tokens for the same seeds (token i draws fold_in(key(seed), i))."""

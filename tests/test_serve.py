@@ -22,7 +22,7 @@ from test_train import ROOT
 from cla_jax import checkpoint
 from cla_jax.decoding import Sampling, generate
 from cla_jax.scripts import serve
-from cla_jax.serving import Batcher, Engine, Request
+from cla_jax.serving import PagedBatcher, PagedEngine, Request
 from cla_jax.serving.http.app import make_app
 from cla_jax.serving.http.server import warm_up
 
@@ -59,8 +59,10 @@ def expected_text(tiny, greedy, prompt, max_tokens):
 def served(tiny):
     """The app over the tiny model on a free port: (openai client, url, batcher)."""
     _, model, params, tokenizer = tiny
-    batcher = Batcher(Engine(model, params, num_slots=3, max_length=MAX_LENGTH),
-                      decode=tokenizer.decode)
+    # The paged engine, as serve.py runs it: 12 blocks of 16 = three sequences of MAX_LENGTH.
+    batcher = PagedBatcher(PagedEngine(model, params, num_blocks=13, block_size=16,
+                                       max_length=MAX_LENGTH, max_seqs=6),
+                           decode=tokenizer.decode)
     warm_up(batcher, everything=False)
     batcher.start()
     try:
@@ -271,7 +273,7 @@ def test_metrics_count_requests_tokens_and_latencies(served):
         assert after[f"{histogram}_count"] - before.get(f"{histogram}_count", 0) == 4
     assert after["cla_time_per_output_token_seconds_count"] > 0
     assert after["cla_generation_tokens_per_second"] > 0
-    assert after["cla_slots"] == 3
+    assert after["cla_slots"] == 6  # the paged engine's max_seqs
     assert after["cla_requests_running"] == after["cla_slot_usage_ratio"] == 0
     assert after["cla_kv_cache_usage_ratio"] == after["cla_requests_waiting"] == 0
     batcher.stop()  # paused: what is submitted now waits, and the gauges say so
@@ -279,13 +281,13 @@ def test_metrics_count_requests_tokens_and_latencies(served):
         waiting = [batcher.submit(Request(prompt=[3, 4, 5], max_tokens=8)) for _ in range(2)]
         paused = scrape(url)
         assert paused["cla_requests_waiting"] == 2 and paused["cla_queued_tokens"] == 22
-        batcher.step_once()  # both join the pool: 3 + 1 positions each of 3 x 64
+        batcher.step_once()  # both join the pool: one block of 16 each, of 12 x 16 = 3 x 64
         running = scrape(url)
         assert running["cla_requests_running"] == 2 and running["cla_requests_waiting"] == 0
-        assert running["cla_slot_usage_ratio"] == pytest.approx(2 / 3)
+        assert running["cla_slot_usage_ratio"] == pytest.approx(2 / 6)
         assert running["cla_kv_cache_usage_ratio"] == pytest.approx(
             batcher.cache_positions_used() / (3 * MAX_LENGTH))
-        assert batcher.cache_positions_used() > 0
+        assert batcher.cache_positions_used() == 2 * 16
         for handle in waiting:
             batcher.cancel(handle)
     finally:

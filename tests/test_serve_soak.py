@@ -15,7 +15,7 @@ from test_serve import scrape
 from test_serve_limits import eventually
 
 from benchmarks import serving_stress
-from cla_jax.serving import Batcher, Engine
+from cla_jax.serving import PagedBatcher, PagedEngine
 from cla_jax.serving.http.app import make_app
 from cla_jax.serving.http.server import warm_up
 
@@ -27,8 +27,11 @@ PROBE = dict(model="stress", prompt="the first and the last", max_tokens=20, tem
 @pytest.fixture(scope="module")
 def soaked():
     _, model, params, tokenizer = tiny_model()
-    batcher = Batcher(Engine(model, params, num_slots=4, max_length=MAX_LENGTH),
-                      decode=tokenizer.decode)
+    # The paged engine with a pool of two MAX_LENGTH sequences' blocks for up to 8 requests:
+    # the soak admits by blocks, preempts and reuses prefixes.
+    batcher = PagedBatcher(PagedEngine(model, params, num_blocks=9, block_size=16,
+                                       max_length=MAX_LENGTH, max_seqs=8),
+                           decode=tokenizer.decode)
     warm_up(batcher)  # every bucket: no compile in the middle of the soak
     batcher.start()
     try:
@@ -70,6 +73,7 @@ def test_a_soak_of_mixed_traffic_ends_clean(soaked):
     metrics = scrape(url)
     assert metrics['cla_requests_finished_total{"finish_reason": "cancelled"}'] > 0
     assert batcher.slots_in_use() == 0 and batcher.waiting() == 0
+    assert batcher.blocks.num_free() == batcher.blocks.usable  # no block leaked
     assert metrics["cla_requests_running"] == metrics["cla_requests_waiting"] == 0
     assert metrics["cla_kv_cache_usage_ratio"] == 0 and metrics["cla_queued_tokens"] == 0
     idle_steps = batcher.steps

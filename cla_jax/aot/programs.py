@@ -244,6 +244,44 @@ def serve_step(setup: Setup) -> Program:
                                             setup))
 
 
+PAGED_BLOCK_SIZE = 16
+
+
+def _paged_engine(setup: Setup):
+    """The paged engine with the slot engine's memory: the slots' max_length positions as
+    blocks (+ the null block), up to that many sequences."""
+    from cla_jax.serving.paged_engine import PagedEngine
+
+    model = setup.serve_model
+    rows = setup.decode_batch_per_shard * setup.batch_shards
+    max_length = min(model.max_seq_len, setup.prompt_len + setup.max_new_tokens)
+    num_blocks = rows * -(-max_length // PAGED_BLOCK_SIZE) + 1
+    return PagedEngine(model, _params(model, setup.mesh), num_blocks, PAGED_BLOCK_SIZE,
+                       max_length, max_seqs=rows, cache_dtype=setup.cache_dtype,
+                       mesh=setup.mesh, chunk_tokens=setup.prompt_len, prefill_rows=(1,))
+
+
+def paged_step(setup: Setup) -> Program:
+    """The paged engine's step at its largest shapes: every sequence decoding
+    `steps_per_call` tokens and one `prompt_len` prompt chunk in the same forward, all
+    attending over the whole window, through a pool of the slot engine's memory."""
+    engine = _paged_engine(setup)
+    pool = _abstract(jax.eval_shape(engine._pool_body), engine._pool_shardings)
+    rows, window = engine.max_seqs, engine.window_buckets[-1]
+    replicated = sharding.replicated(setup.mesh)
+    inputs = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        engine.empty_inputs(rows, (1, setup.prompt_len), window))
+    steps = setup.steps_per_call
+    flops = (_decode_flops(engine.config, rows * steps, window)
+             + _decode_flops(engine.config, setup.prompt_len, window))
+    positions = (engine.num_blocks - 1) * engine.block_size
+    return Program("paged_step", _Bound(engine._step, steps), (engine.params, pool, inputs),
+                   flops, rows * steps,
+                   _shape_check(setup, setup.prompt_len, window, rows),
+                   cache_bytes=_cache_bytes(engine.config, 1, positions, setup))
+
+
 class _Bound:
     """A jitted function with trailing static arguments bound: `.lower(*args)` lowers
     fn(*args, *static)."""
@@ -256,4 +294,4 @@ class _Bound:
 
 
 PROGRAMS = {"train": train, "eval": evaluate, "prefill": prefill, "generate": generate,
-            "serve_step": serve_step}
+            "serve_step": serve_step, "paged_step": paged_step}

@@ -88,20 +88,21 @@ class DecoderLayer(nn.Module):
             v_BTKH = projection(cfg, kv_features, -1, kv_axes, "value")(kv_in)
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
             axes = ("batch", "length", "kv_heads", "head_dim")
-            if isinstance(mask, paged_cache.PagedBatch):  # k/v become each row's blocks
+            if isinstance(mask, paged_cache.PagedBatch):  # kv: the rows' blocks (RowsKV)
                 cache_kv = paged_cache.write(cache_kv, group, k_BTKH, v_BTKH, mask)
-                k_BTKH, v_BTKH = paged_cache.read(cache_kv, group, mask, k_BTKH.dtype)
-            elif cache_kv is not None:
-                cache_kv = write_cache(cache_kv, group, k_BTKH, v_BTKH, positions_BT)
-                k_BTKH, v_BTKH = read_cache(cache_kv, group, self.kv_window, k_BTKH.dtype)
-            kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
+                kv = paged_cache.read(cache_kv, group, mask, k_BTKH.dtype)
+            else:
+                if cache_kv is not None:
+                    cache_kv = write_cache(cache_kv, group, k_BTKH, v_BTKH, positions_BT)
+                    k_BTKH, v_BTKH = read_cache(cache_kv, group, self.kv_window, k_BTKH.dtype)
+                kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
 
         q_BTNH = projection(cfg, (cfg.num_heads, cfg.head_dim), -1,
                             ("embed", "heads", "head_dim"), "query")(h_BTD)
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
         if isinstance(mask, paged_cache.PagedBatch):
-            out_BTNH = paged_cache.attend(q_BTNH, *kv, mask)
+            out_BTNH = paged_cache.attend(q_BTNH, kv, mask)
         else:
             out_BTNH = attend(q_BTNH, *kv, mask, kind=cfg.attention,
                               causal_only=self.causal_only)

@@ -33,8 +33,10 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file (overrides:
                                 "--config.model.remat=full).", lock_config=True)
 flags.DEFINE_list("target", [], "Targets, comma-separated (see --list_targets).")
 flags.DEFINE_bool("list_targets", False, "Print the known targets and exit.")
-flags.DEFINE_list("programs", ["train", "eval", "prefill", "generate", "serve_step"],
-                  "Programs to compile: train, eval, prefill, generate, serve_step.")
+flags.DEFINE_list("programs", ["train", "eval", "prefill", "generate", "serve_step",
+                               "paged_step"],
+                  "Programs to compile: train, eval, prefill, generate, serve_step (the slot "
+                  "engine), paged_step (the paged engine).")
 flags.DEFINE_integer("batch_per_device", None, "Train/eval rows per batch shard (data x fsdp "
                      "device); default: the config's train.batch_size over the shards.")
 flags.DEFINE_integer("seq_len", None, "Train/eval sequence length (default train.seq_len).")
@@ -54,7 +56,7 @@ flags.DEFINE_string("dump_hlo", None, "Write each compiled program's optimized H
                     "folder.")
 cli.define_mesh_flag()
 
-PROGRAM_NAMES = ("train", "eval", "prefill", "generate", "serve_step")
+PROGRAM_NAMES = ("train", "eval", "prefill", "generate", "serve_step", "paged_step")
 GIB = 2**30
 
 

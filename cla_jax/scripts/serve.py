@@ -1,5 +1,7 @@
 """An OpenAI-compatible HTTP server over the serving engine: every request, streamed or not,
-joins one continuously batched pool of slots.
+joins one continuously batched pool. The default engine is paged (KV blocks on demand,
+chunked prefill mixed with decode, prefix caching); --engine=slots reserves max_length
+positions per sequence instead.
 
     python serve.py --workdir=workdir/demo                     # http://127.0.0.1:8000/v1
     CLA_API_KEY=... python serve.py --workdir=runs/cla2 --num_slots=64 --host=0.0.0.0
@@ -20,7 +22,7 @@ from ml_collections import config_flags
 from cla_jax import cli
 from cla_jax.data.corpus import corpus_tokenizer
 from cla_jax.errors import UserError
-from cla_jax.serving import Batcher, Engine
+from cla_jax.serving import Batcher, Engine, PagedBatcher, PagedEngine
 from cla_jax.storage import as_path
 
 FLAGS = flags.FLAGS
@@ -49,6 +51,23 @@ def limits_from_flags():
     return limits
 
 
+def make_batcher(model, params, cache_dtype: str, mesh, decode) -> Batcher:
+    """The engine the flags ask for, and its loop. The paged pool defaults to the slot
+    engine's memory: num_slots x max_length positions (+ the null block)."""
+    max_length = FLAGS.max_length or model.max_seq_len
+    if FLAGS.num_slots < 1:
+        raise UserError(f"--num_slots must be >= 1, got {FLAGS.num_slots}")
+    if FLAGS.engine == "slots":
+        return Batcher(Engine(model, params, FLAGS.num_slots, max_length, cache_dtype, mesh),
+                       decode=decode, steps_per_call=FLAGS.steps_per_call)
+    num_blocks = FLAGS.num_blocks or -(-FLAGS.num_slots * max_length // FLAGS.block_size) + 1
+    engine = PagedEngine(model, params, num_blocks, FLAGS.block_size, max_length,
+                         max_seqs=FLAGS.max_seqs or 4 * FLAGS.num_slots, cache_dtype=cache_dtype,
+                         mesh=mesh, chunk_tokens=FLAGS.chunk_tokens)
+    return PagedBatcher(engine, decode=decode, steps_per_call=FLAGS.steps_per_call,
+                        prefix_caching=FLAGS.prefix_caching, overcommit=FLAGS.overcommit)
+
+
 def main(argv):
     """The flags -> a model, its engine and batcher -> `cla_jax.serving.http.server.serve`."""
     from cla_jax.serving.http.auth import check_exposure  # noqa: PLC0415 (starlette etc.)
@@ -68,9 +87,7 @@ def main(argv):
     template = ChatTemplate.of_tokenizer(tokenizer, FLAGS.chat_template)
     cache_dtype = FLAGS.cache_dtype or ("float32" if jax.default_backend() == "cpu"
                                         else "bfloat16")
-    engine = Engine(model, params, FLAGS.num_slots, FLAGS.max_length or model.max_seq_len,
-                    cache_dtype, mesh)
-    batcher = Batcher(engine, decode=tokenizer.decode, steps_per_call=FLAGS.steps_per_call)
+    batcher = make_batcher(model, params, cache_dtype, mesh, tokenizer.decode)
     serve(batcher, tokenizer, name, host=FLAGS.host, port=FLAGS.port, api_keys=keys,
           limits=limits, chat_template=template, warm_up_everything=FLAGS.warm_up == "all",
           description=f"(step {step})")
@@ -85,8 +102,25 @@ def define_flags() -> None:
                          "names it).")
     flags.DEFINE_string("model_name", None, "The model's id in the API (default: the workdir's "
                         "name).")
-    flags.DEFINE_integer("num_slots", 8, "Sequences decoded together (the KV cache holds "
-                         "num_slots x max_length positions).")
+    flags.DEFINE_enum("engine", "paged", ["paged", "slots"], "paged: KV blocks on demand, "
+                      "chunked prefill mixed with decode, prefix caching; slots: num_slots "
+                      "regions of max_length positions, one prompt prefilled at a time.")
+    flags.DEFINE_integer("num_slots", 8, "The KV memory, in sequences of max_length: the slot "
+                         "engine's slots, and the paged pool's size unless --num_blocks is "
+                         "given.")
+    flags.DEFINE_integer("num_blocks", None, "Paged engine: KV blocks in the pool (default: "
+                         "num_slots x max_length / block_size, + 1 null block).")
+    flags.DEFINE_integer("block_size", 16, "Paged engine: positions per KV block (a power of "
+                         "two).")
+    flags.DEFINE_integer("max_seqs", None, "Paged engine: most sequences running at once "
+                         "(default 4 x num_slots); free blocks usually bound them first.")
+    flags.DEFINE_integer("chunk_tokens", 256, "Paged engine: prompt tokens prefilled per step, "
+                         "beside the decoding sequences' tokens.")
+    flags.DEFINE_bool("prefix_caching", True, "Paged engine: reuse the KV blocks of prompt "
+                      "prefixes seen before.")
+    flags.DEFINE_bool("overcommit", True, "Paged engine: admit a request when its prompt fits "
+                      "(and preempt, recomputing later, when sequences outgrow the pool); "
+                      "--noovercommit admits only what can run to max_tokens.")
     flags.DEFINE_integer("max_length", None, "Context length of a slot: prompt + max_tokens "
                          "(default: model.max_seq_len).")
     flags.DEFINE_enum("cache_dtype", None, ["float32", "bfloat16", "float16", "int8"],

@@ -192,6 +192,7 @@ class _Running:
     keys: list = dataclasses.field(default_factory=list)
     registered: int = 0
     admission: int = 0
+    key_data: np.ndarray | None = None
 
 
 class Batcher:
@@ -219,6 +220,7 @@ class Batcher:
         self._admitting: _Running | None = None  # between the queue and a slot
         self.steps = 0                # decode steps run
         self.slot_steps = 0           # sum over steps of the slots in use
+        self.max_running = 0          # most requests in a slot at once
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -280,6 +282,7 @@ class Batcher:
         running."""
         self._drop_cancelled()
         self._admit()
+        self.max_running = max(self.max_running, self.slots_in_use())
         active = [s is not None for s in self.slots]
         if any(active):
             self._decode_step(active)

@@ -119,6 +119,14 @@ class Engine:
                                       self.max_length)
         self._model = Transformer(self.config)
 
+    @property
+    def cache_positions(self) -> int:
+        """KV positions the pool holds."""
+        return self.num_slots * self.max_length
+
+    def describe(self) -> str:
+        return f"{self.num_slots} slots x {self.max_length} tokens"
+
     # --- the three programs -------------------------------------------------------------
 
     def init_state(self) -> PoolState:

@@ -9,7 +9,7 @@ decode steps (a `lax.scan`, as `Engine.step` runs them).
 
 The host (`cla_jax.serving.scheduler`) owns the block tables and says, per step, which
 sequences decode and which prompt chunks run. Shapes come from buckets, so compiles are
-bounded: decode rows (powers of two up to `max_seqs`), prefill shapes (P rows of C tokens,
+bounded: decode rows (powers of two, then multiples of 16, up to `max_seqs`), prefill shapes (P rows of C tokens,
 P x C = `chunk_tokens`), and the attention window (what the longest row reads).
 A row's token i samples with `fold_in(key(seed), i)`, as in `Engine`: what a request samples
 depends neither on its neighbours nor on whether it was preempted and recomputed.
@@ -93,7 +93,9 @@ class PagedEngine:
             raise UserError(f"every prefill_rows entry must divide chunk_tokens="
                             f"{self.chunk_tokens}; got {list(self.prefill_rows)}")
         self.mesh = self.mesh or sharding.single_device_mesh()
-        self.decode_buckets = buckets(min(self.min_decode_rows, self.max_seqs), self.max_seqs)
+        # Powers of two, then multiples of 16: a padded row costs as much as a real one where
+        # decode is compute-bound (CPU), while the number of compiles stays small.
+        self.decode_buckets = buckets(min(self.min_decode_rows, self.max_seqs), self.max_seqs, 16)
         self.prefill_shapes = tuple((p, self.chunk_tokens // p) for p in self.prefill_rows)
         self.max_blocks_per_seq = -(-self.max_length // self.block_size)
         round_up = lambda n: -(-n // self.block_size) * self.block_size  # noqa: E731
@@ -105,6 +107,15 @@ class PagedEngine:
     def num_slots(self) -> int:
         """Rows the host loop keeps (sequences admitted at once, at most)."""
         return self.max_seqs
+
+    @property
+    def cache_positions(self) -> int:
+        """KV positions sequences can hold (the null block left out)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    def describe(self) -> str:
+        return (f"{self.num_blocks - 1} KV blocks x {self.block_size} positions, up to "
+                f"{self.max_seqs} sequences of up to {self.max_length} tokens")
 
     @staticmethod
     def blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int,
@@ -159,7 +170,12 @@ class PagedEngine:
         return jax.jit(self._pool_body, out_shardings=self._pool_shardings)
 
     def _forward(self, params, pool, tokens_T, positions_T, valid_T, tables, num_decode, chunk):
-        batch = PagedBatch(tables, positions_T, valid_T, num_decode, chunk, self.block_size)
+        kernel = paged_cache.choose_kernel(
+            self.config.attention, quantized=self.cache_dtype == "int8",
+            num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
+            head_dim=self.config.head_dim)
+        batch = PagedBatch(tables, positions_T, valid_T, num_decode, chunk, self.block_size,
+                           kernel)
         logits, cache = self._model.apply({"params": params}, tokens_T[:, None],
                                           positions_T[:, None], None, PagedCache(pool, batch))
         return logits[:, 0], paged_cache.constrain_pool(cache.stages)

@@ -34,22 +34,27 @@ from cla_jax.sampling import seed_key
 
 class PagedBatcher(Batcher):
     """The host loop over a `PagedEngine`. prefix_caching=False: every prompt is computed in
-    full (the comparison the prefix cache is measured against). reserve_blocks: blocks kept
-    free at admission for the running sequences to grow into (default 1% of the pool)."""
+    full (the comparison the prefix cache is measured against).
+
+    overcommit=True admits a request when the pool holds its prompt (plus `reserve_blocks`,
+    default 1% of the pool, for the running ones to grow into) and preempts when sequences
+    outgrow the pool: the most sequences at once when outputs often end early (EOS). False
+    admits a request only when the pool holds the blocks every running sequence, and it,
+    may still need up to its max_tokens: nothing is ever preempted."""
 
     def __init__(self, engine: PagedEngine, decode: Callable[[list[int]], str] | None = None,
                  steps_per_call: int = 4, prefix_caching: bool = True,
-                 reserve_blocks: int | None = None):
+                 reserve_blocks: int | None = None, overcommit: bool = True):
         super().__init__(engine, decode, steps_per_call)
         self.blocks = BlockPool(engine.num_blocks, engine.block_size, prefix_caching)
         self.reserve_blocks = (max(1, self.blocks.usable // 100) if reserve_blocks is None
                                else reserve_blocks)
+        self.overcommit = overcommit
         self._admissions = 0
         self.prefill_tokens = 0       # prompt tokens run through the model
         self.recomputed_tokens = 0    # generated tokens run again after a preemption
         self.reused_tokens = 0        # tokens taken from the prefix cache instead
         self.preemptions = 0
-        self.max_running = 0          # most sequences holding blocks at once
 
     def submit(self, request: Request, on_event=None) -> Handle:
         need = self.engine.blocks_needed(len(request.prompt) + request.max_tokens - 1)
@@ -138,6 +143,11 @@ class PagedBatcher(Batcher):
         keys = block_keys(tokens, size)
         cached = self.blocks.lookup(keys[:(len(tokens) - 1) // size])
         need = self.engine.blocks_needed(len(tokens)) - len(cached)
+        if not self.overcommit:  # room for everyone's max_tokens, this one's included
+            r = running.request
+            need += self._growth(len(tokens), len(r.prompt) + r.max_tokens - 1) + sum(
+                self._growth(len(s.blocks) * size, len(s.request.prompt) + s.request.max_tokens
+                             - 1) for s in self.slots if s is not None)
         if self.blocks.num_free() < need + self.reserve_blocks:
             self.blocks.release(cached)
             self.blocks.hits -= len(cached)
@@ -148,6 +158,10 @@ class PagedBatcher(Batcher):
         running.computed = running.length = len(cached) * size
         self.reused_tokens += running.computed
         return True
+
+    def _growth(self, held_positions: int, last: int) -> int:
+        """Blocks a sequence holding `held_positions` still needs to write `last` positions."""
+        return max(0, self.engine.blocks_needed(last) - self.engine.blocks_needed(held_positions))
 
     def _plan(self) -> tuple[list[int], list[int]]:
         """(decoding slots, prefilling slots), each with the blocks its step needs."""
@@ -221,7 +235,9 @@ class PagedBatcher(Batcher):
             blocks = running.blocks[:window // size]
             x.tables[row, :len(blocks)] = blocks
             x.temperature[row], x.top_k[row], x.top_p[row] = r.temperature, r.top_k, r.top_p
-            x.key_data[row] = np.asarray(jax.random.key_data(seed_key(r.seed)))
+            if running.key_data is None:  # the request's key, made once
+                running.key_data = np.asarray(jax.random.key_data(seed_key(r.seed)))
+            x.key_data[row] = running.key_data
             x.sample_index[row] = len(running.tokens)
         sequences = {s: self._sequence(self.slots[s]) for s in decode + prefill}
         for i, slot in enumerate(decode):

@@ -33,7 +33,7 @@ class ServingMetrics:
     def __init__(self, batcher: Batcher):
         self.registry = prom.CollectorRegistry()
         engine, r = batcher.engine, self.registry
-        slots, positions = engine.num_slots, engine.num_slots * engine.max_length
+        slots, positions = engine.num_slots, engine.cache_positions
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
 
         def gauge(name: str, doc: str, read) -> None:
@@ -46,8 +46,8 @@ class ServingMetrics:
         gauge("cla_slots", "Slots in the pool.", lambda: slots)
         gauge("cla_slot_usage_ratio", "Share of the slots in use.",
               lambda: batcher.slots_in_use() / slots)
-        gauge("cla_kv_cache_usage_ratio", "KV-cache positions filled / allocated.",
-              lambda: batcher.cache_positions_used() / positions)
+        gauge("cla_kv_cache_usage_ratio", "KV-cache positions held by running requests / "
+              "all positions.", lambda: batcher.cache_positions_used() / positions)
         gauge("cla_generation_tokens_per_second",
               f"Tokens generated per second over the last {WINDOW_S:g} s.",
               self.tokens_per_second)

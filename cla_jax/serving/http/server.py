@@ -12,20 +12,23 @@ from typing import Sequence
 from absl import logging
 
 from cla_jax import sharding
-from cla_jax.serving import Batcher
+from cla_jax.serving import Batcher, PagedBatcher
 from cla_jax.serving.http.app import make_app
 from cla_jax.serving.http.chat import ChatTemplate
 from cla_jax.serving.http.limits import Limits
 from cla_jax.serving.http.listener import listen, make_server, url_of
 
 
-def warm_up(batcher: Batcher, everything: bool = True) -> int:
-    """Compiles prefill, insert and step before the server takes requests: for every prompt
-    bucket and attention window (or only the smallest), so no request waits for XLA while
-    the others stall behind it. Returns the number of programs."""
+def warm_up(batcher: Batcher | PagedBatcher, everything: bool = True) -> int:
+    """Compiles the engine's programs before the server takes requests: for every bucket
+    (or only the smallest), so no request waits for XLA while the others stall behind it.
+    Returns the number of programs."""
     engine = batcher.engine
     if everything:
         return batcher.warm_up()
+    if isinstance(batcher, PagedBatcher):
+        return batcher.warm_up(engine.decode_buckets[:1], engine.prefill_shapes[:1],
+                               engine.window_buckets[:1])
     return batcher.warm_up(engine.prompt_buckets[:1], engine.window_buckets[:1])
 
 
@@ -45,7 +48,7 @@ def serve(batcher: Batcher, tokenizer, model_name: str, *, host: str, port: int,
     logging.info("compiled %d programs in %.1f s", programs, time.perf_counter() - start)
     batcher.start()
     print(f"serving {model_name}{' ' + description if description else ''} at "
-          f"{url_of(sock)}: {engine.num_slots} slots x {engine.max_length} tokens, "
+          f"{url_of(sock)}: {engine.describe()}, "
           f"{engine.cache_dtype} KV cache, mesh {sharding.describe(engine.mesh)}, "
           f"{'an API key' if api_keys else 'no API key'}, "
           f"{'a' if chat_template else 'no'} chat template", flush=True)
