@@ -87,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=16, help="paged engine: positions per block")
     p.add_argument("--chunk_tokens", type=int, default=256,
                    help="paged engine: prompt tokens prefilled per step")
+    p.add_argument("--overcommit", action=argparse.BooleanOptionalAction, default=True,
+                   help="paged engine: admit by the prompt's blocks and preempt on growth "
+                        "(default), or (--no-overcommit) only what can reach max_tokens")
     p.add_argument("--max_seqs_factor", type=int, default=4,
                    help="paged engine: sequences at once at most = this x the slot count")
     p.add_argument("--prefix_model", default="cla2",
@@ -281,14 +284,6 @@ def serve(batcher: Batcher | PagedBatcher, trace: Trace, mode: str, rate: float)
     return result
 
 
-def fresh(batcher: Batcher | PagedBatcher) -> Batcher | PagedBatcher:
-    """A new loop of the same kind over the same engine (its compiled programs kept)."""
-    if isinstance(batcher, PagedBatcher):
-        return PagedBatcher(batcher.engine, steps_per_call=batcher.steps_per_call,
-                            prefix_caching=batcher.blocks.caching)
-    return Batcher(batcher.engine, steps_per_call=batcher.steps_per_call)
-
-
 def step_and_prefill_cost(engine: Engine, windows, prompt_buckets, repeats: int = 20) -> dict:
     """Median ms of one decode step with every slot active, per window bucket, and of one
     prefill, per prompt bucket: where the time of a continuous run goes."""
@@ -405,8 +400,9 @@ def serve_paged(name, config, params, slots, budget, budget_dtype, run_dtype, tr
           file=sys.stderr, flush=True)
     entry["warm_up_s"] = warm_up(PagedBatcher(engine), max(len(p) for p in trace.prompts),
                                  max_length)
-    entry["modes"] = serve_modes(lambda: PagedBatcher(engine), trace, args, compiles,
-                                 f"[{name}] paged")
+    entry["overcommit"] = args.overcommit
+    entry["modes"] = serve_modes(lambda: PagedBatcher(engine, overcommit=args.overcommit),
+                                 trace, args, compiles, f"[{name}] paged")
     if prefix:
         entry["shared_prefix"] = {
             "trace": {"requests": len(prefix_trace.prompts),
@@ -414,7 +410,8 @@ def serve_paged(name, config, params, slots, budget, budget_dtype, run_dtype, tr
                       "prompt_tokens": sum(len(p) for p in prefix_trace.prompts),
                       "output_tokens": sum(prefix_trace.max_tokens)},
             **{f"caching_{state}": serve_modes(
-                lambda: PagedBatcher(engine, prefix_caching=state == "on"), prefix_trace,
+                lambda: PagedBatcher(engine, prefix_caching=state == "on",
+                                     overcommit=args.overcommit), prefix_trace,
                 args, compiles, f"[{name}] shared prefix, caching {state}",
                 modes=("poisson",), rate=args.prefix_rate)["poisson"]
                 for state in ("on", "off")}}
@@ -500,6 +497,7 @@ def run(args, base: ModelConfig | None = None) -> dict:
             prefix_rate_requests_per_s=args.prefix_rate, engines=args.engines,
             block_size=args.block_size, chunk_tokens=args.chunk_tokens,
             max_seqs_factor=args.max_seqs_factor, prefix_model=args.prefix_model,
+            overcommit=args.overcommit,
             prefix_requests=args.prefix_requests, prefix_len=list(args.prefix_len),
             prefix_suffix_len=list(args.prefix_suffix_len),
             prefix_output_len=list(args.prefix_output_len),

@@ -77,18 +77,26 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
     if batch_size <= 0 or max_length <= 0:
         raise UserError(f"cache needs batch_size and max_length > 0, got "
                         f"{batch_size} and {max_length}")
+    stages = empty_stages(config, lambda groups: (groups, batch_size, max_length,
+                                                  config.num_kv_heads, config.head_dim), dtype)
+    return KVCache(stages=stages, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def empty_stages(config: ModelConfig, shape_of, dtype) -> tuple[StageCache, ...]:
+    """One zero `StageCache` per stage, K and V of shape `shape_of(groups_in_stage)` (its last
+    axis head_dim; int8 adds scales of the shape without it)."""
     dtype = jnp.dtype(dtype)
     if not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
         raise UserError(f"cache dtype {dtype} is not supported; use a float dtype "
                         "(float32, bfloat16, float16) or int8")
     stages = []
     for _, num_groups in config.stages:
-        shape = (num_groups, batch_size, max_length, config.num_kv_heads, config.head_dim)
+        shape = shape_of(num_groups)
         scales = ()
         if dtype == jnp.int8:
-            scales = tuple(jnp.zeros(shape[:4], SCALE_DTYPE) for _ in range(2))
+            scales = tuple(jnp.zeros(shape[:-1], SCALE_DTYPE) for _ in range(2))
         stages.append(StageCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales))
-    return KVCache(stages=tuple(stages), lengths=jnp.zeros((batch_size,), jnp.int32))
+    return tuple(stages)
 
 
 def _round_up_to_bfloat16(x: jax.Array) -> jax.Array:

@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cla_jax import paged_cache
 from cla_jax.cache import KVCache, StageCache, constrain_cache, dequantize, quantize
 from cla_jax.config import REMAT_POLICIES, ModelConfig
+from cla_jax.model import paged_cache
 from cla_jax.model.attention import FLASH_KERNELS, SegmentMask, attend, choose_kernel
 from cla_jax.model.layers import (
     RMSNorm,
@@ -190,7 +190,7 @@ class Transformer(nn.Module):
         return_hidden: return the final-normed hidden states [B, T, D] (compute dtype) in
         place of the logits, for a loss that unembeds them itself (`model.loss`).
 
-        A `PagedCache` (one serving step over a block pool, `cla_jax.paged_cache`) takes
+        A `PagedCache` (one serving step over a block pool, `cla_jax.model.paged_cache`) takes
         tokens and positions as [T, 1], one token per row, and returns logits
         [D + P, 1, vocab] for the tokens its batch samples, and the pool written.
         """

@@ -17,7 +17,7 @@ import hashlib
 
 import numpy as np
 
-from cla_jax.paged_cache import NULL_BLOCK
+from cla_jax.model.paged_cache import NULL_BLOCK
 
 
 def block_keys(tokens, block_size: int, parent: bytes = b"") -> list[bytes]:

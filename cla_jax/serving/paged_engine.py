@@ -1,4 +1,4 @@
-"""The device side of paged serving: one block pool (`cla_jax.paged_cache`) shared by every
+"""The device side of paged serving: one block pool (`cla_jax.model.paged_cache`) shared by every
 sequence, and one jitted step program that runs, in a single forward, the decode tokens of
 the running sequences and chunks of the prompts being prefilled, then `num_steps - 1` more
 decode steps (a `lax.scan`, as `Engine.step` runs them).
@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cla_jax import paged_cache, sharding
-from cla_jax.capacity import cache_bytes
+from cla_jax import sharding
 from cla_jax.config import ModelConfig
 from cla_jax.errors import UserError
-from cla_jax.model import Transformer
-from cla_jax.paged_cache import PagedBatch, PagedCache
+from cla_jax.model import Transformer, paged_cache
+from cla_jax.model.paged_cache import PagedBatch, PagedCache
 from cla_jax.sampling import sample_rows
 from cla_jax.serving.engine import buckets
 
@@ -118,14 +117,23 @@ class PagedEngine:
                 f"{self.max_seqs} sequences of up to {self.max_length} tokens")
 
     @staticmethod
-    def blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int,
+    def block_bytes(config: ModelConfig, block_size: int, cache_dtype: str) -> int:
+        """Bytes of one block over every stage (int8 scales counted), from the pool's
+        shapes."""
+        shapes = jax.eval_shape(lambda: paged_cache.init_pool(config, 1, block_size,
+                                                              jnp.dtype(cache_dtype)))
+        return sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                   for a in jax.tree_util.tree_leaves(shapes))
+
+    @classmethod
+    def blocks_for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int,
                           cache_dtype: str) -> int:
-        """Blocks that fit `budget_bytes` (null block included) at the cache bytes per token
-        of `cla_jax.capacity.cache_bytes`."""
-        return budget_bytes // cache_bytes(config, 1, block_size, cache_dtype)
+        """Blocks that fit `budget_bytes`, the null block included."""
+        return budget_bytes // cls.block_bytes(config, block_size, cache_dtype)
 
     def pool_bytes(self) -> int:
-        return self.num_blocks * cache_bytes(self.config, 1, self.block_size, self.cache_dtype)
+        return self.num_blocks * self.block_bytes(self.config, self.block_size,
+                                                  self.cache_dtype)
 
     def init_state(self):
         """The empty block pool (a tuple of `StageCache`, blocks along axis 1)."""

@@ -47,7 +47,7 @@ class PagedBatcher(Batcher):
                  reserve_blocks: int | None = None, overcommit: bool = True):
         super().__init__(engine, decode, steps_per_call)
         self.blocks = BlockPool(engine.num_blocks, engine.block_size, prefix_caching)
-        self.reserve_blocks = (max(1, self.blocks.usable // 100) if reserve_blocks is None
+        self.reserve_blocks = (self.blocks.usable // 100 if reserve_blocks is None
                                else reserve_blocks)
         self.overcommit = overcommit
         self._admissions = 0
@@ -71,9 +71,6 @@ class PagedBatcher(Batcher):
     def cache_positions_used(self) -> int:
         return sum(len(s.blocks) for s in self.slots if s is not None) * self.engine.block_size
 
-    def blocks_in_use(self) -> int:
-        return self.blocks.usable - self.blocks.num_free()
-
     # --- the loop -----------------------------------------------------------------------
 
     def step_once(self) -> bool:
@@ -85,15 +82,14 @@ class PagedBatcher(Batcher):
             self._run(decode, prefill)
         return self.busy
 
-    def warm_up(self, decode_rows=None, prefill_shapes=(), windows=None) -> int:
+    def warm_up(self, decode_rows=None, prefill_shapes=None, windows=None) -> int:
         """Compiles the step for every (decode rows, prefill shape or none, window) given
         (default: all decode row buckets and windows, every prefill shape), so no request
         waits for XLA later. Only while idle; returns the number of programs run."""
         if self.busy:
             raise RuntimeError("warm_up runs only while no request is waiting or running")
         engine, count = self.engine, 0
-        shapes = [None] + list(engine.prefill_shapes if prefill_shapes == () else
-                               prefill_shapes or [])
+        shapes = [None, *(engine.prefill_shapes if prefill_shapes is None else prefill_shapes)]
         for rows in decode_rows or engine.decode_buckets:
             for shape in shapes:
                 for window in windows or engine.window_buckets:

@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from cla_jax import sharding
-from cla_jax.cache import SCALE_DTYPE, StageCache, dequantize, quantize
+from cla_jax.cache import StageCache, dequantize, empty_stages, quantize
 from cla_jax.config import ModelConfig
-from cla_jax.errors import UserError
 from cla_jax.model.attention import folded_attention, pallas_fits_mesh
 from cla_jax.sharding import constrain
 
@@ -45,18 +44,8 @@ def init_pool(config: ModelConfig, num_blocks: int, block_size: int,
               dtype=jnp.float32) -> tuple[StageCache, ...]:
     """An empty block pool: one `StageCache` per stage, leaves
     [kv_heads, groups, num_blocks, block_size, head_dim] (scales without head_dim)."""
-    dtype = jnp.dtype(dtype)
-    if not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
-        raise UserError(f"cache dtype {dtype} is not supported; use a float dtype "
-                        "(float32, bfloat16, float16) or int8")
-    stages = []
-    for _, num_groups in config.stages:
-        shape = (config.num_kv_heads, num_groups, num_blocks, block_size, config.head_dim)
-        scales = ()
-        if dtype == jnp.int8:
-            scales = tuple(jnp.zeros(shape[:4], SCALE_DTYPE) for _ in range(2))
-        stages.append(StageCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales))
-    return tuple(stages)
+    return empty_stages(config, lambda groups: (config.num_kv_heads, groups, num_blocks,
+                                                block_size, config.head_dim), dtype)
 
 
 def choose_kernel(requested: str, *, quantized: bool, num_heads: int, num_kv_heads: int,
@@ -229,6 +218,9 @@ def decode_kernel(kernel: str, q_DNH: jax.Array, pages: tuple, page_indices_DW: 
     against the first `lengths` positions of its pages, read in place from the stage's pool
     (`pages`: its K, V and, int8, scales, as [kv_heads, pages, page_size, head_dim]). Runs
     shard by shard on a mesh (heads over tensor, rows over data)."""
+    out_dtype = q_DNH.dtype
+    if jnp.issubdtype(pages[0].dtype, jnp.floating):  # the kernels take one dtype for both
+        q_DNH = q_DNH.astype(pages[0].dtype)
     q_DNH = q_DNH * jnp.asarray(q_DNH.shape[-1] ** -0.5, q_DNH.dtype)  # the kernels do not
     flat = tuple(a.reshape((a.shape[0], -1) + a.shape[3:]) for a in pages)  # [K, G*NB, bs..]
     per_row = page_indices_DW.shape[1]
@@ -256,4 +248,4 @@ def decode_kernel(kernel: str, q_DNH: jax.Array, pages: tuple, page_indices_DW: 
     args = (q_DNH, *flat[:2], lengths_D, page_indices_DW, *flat[2:])
     axes = (("batch", "heads", "head_dim"), page_axes, page_axes, ("batch",), ("batch", None),
             *(page_axes[:3],) * len(flat[2:]))
-    return sharding.per_shard(run, args, axes)
+    return sharding.per_shard(run, args, axes).astype(out_dtype)
