@@ -60,8 +60,8 @@ def choose_kernel(requested: str, *, quantized: bool, num_heads: int, num_kv_hea
     if not pallas_fits_mesh(num_heads, num_kv_heads):
         return "xla"
     gpu_fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    if requested == "pallas_gpu" or (requested in ("auto", "cudnn") and platform == "gpu"
-                                     and gpu_fits):
+    if (requested == "pallas_gpu" or requested in ("auto", "cudnn") and platform == "gpu") \
+            and (gpu_fits or platform != "gpu"):
         return "pallas_gpu"
     if (requested in ("auto", "splash") and platform == "tpu" and not quantized
             and head_dim % 128 == 0):
