@@ -131,10 +131,6 @@ class PagedEngine:
         """Blocks that fit `budget_bytes`, the null block included."""
         return budget_bytes // cls.block_bytes(config, block_size, cache_dtype)
 
-    def pool_bytes(self) -> int:
-        return self.num_blocks * self.block_bytes(self.config, self.block_size,
-                                                  self.cache_dtype)
-
     def init_state(self):
         """The empty block pool (a tuple of `StageCache`, blocks along axis 1)."""
         return self._init_pool()
