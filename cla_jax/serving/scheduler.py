@@ -111,22 +111,15 @@ class PagedBatcher(Batcher):
         return list(running.request.prompt) + running.tokens
 
     def _admit(self) -> None:
-        for slot, occupant in enumerate(self.slots):
-            if occupant is not None:
-                continue
+        """Fills free rows from the head of the queue while the pool has its blocks (first
+        come, first served). Only this thread removes from the queue; others append."""
+        for slot in [s for s, occupant in enumerate(self.slots) if occupant is None]:
             with self._lock:
-                if not self._waiting:
-                    return
-                running = self._waiting[0]
-            if not self._allocate_prompt(running):
-                return  # the head of the queue waits for blocks (first come, first served)
+                running = self._waiting[0] if self._waiting else None
+            if running is None or not self._allocate_prompt(running):
+                return
             with self._lock:
-                if self._waiting and self._waiting[0] is running:
-                    self._waiting.popleft()
-                else:  # dropped (cancelled) meanwhile
-                    self.blocks.release(running.blocks)
-                    running.blocks = []
-                    continue
+                self._waiting.popleft()
             self._admissions += 1
             running.admission = self._admissions
             self.slots[slot] = running
