@@ -17,6 +17,19 @@
 All take q [B, T, N, H], k/v [B, S, K, H] with N a multiple of K (MHA, GQA, MQA). The dense
 kernels take a boolean mask [B, T, S] (True = attend); the flash kernels (blockwise,
 pallas_gpu, splash) take a `SegmentMask`.
+
+Sliding-window (local) layers: `attend(..., window=W)`, W an int >= 1, lets query i see key j
+only if also 0 <= i - j < W (positions; Gemma/Mistral-style local attention); None is global.
+- reference, xla, cudnn with a dense mask: the caller's mask already has the window
+  (`SegmentMask.dense(window)`); `window` is not read.
+- cudnn, causal_only: cuDNN's own sliding window (`local_window_size=(W - 1, 0)`, which jax
+  passes on as cuDNN's `sliding_window_length` W: keys in (i - W, i]), masked blocks skipped.
+- blockwise: the window in every block's mask, and block pairs wholly outside it skipped,
+  forward and backward.
+- splash: splash's `LocalMask` (left W - 1, right 0: causal too), whose blocks outside the
+  window are never visited (the kernel's grid shrinks to the blocks a row needs).
+- pallas_gpu: jax's Triton `mha` has no window (its masks are causal and segment ids only),
+  so a local layer asked to run pallas_gpu runs blockwise, logged once.
 """
 from __future__ import annotations
 
@@ -106,9 +119,21 @@ class SegmentMask(NamedTuple):
     positions_BT: jax.Array
     segment_ids_BT: jax.Array
 
-    def dense(self) -> jax.Array:
+    def dense(self, window: int | None = None) -> jax.Array:
+        """The [B, T, T] mask; with a `window`, also positions[i] - positions[j] < window."""
         seg, pos = self.segment_ids_BT, self.positions_BT
-        return (seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
+        mask = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
+        if window is None:
+            return mask
+        return mask & (pos[:, :, None] - pos[:, None, :] < check_window(window))
+
+
+def check_window(window: int | None) -> int | None:
+    """`window` if it is None or an int >= 1 (a static sliding-window size), else ValueError."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"window={window!r}: a sliding window is an int >= 1 (or None: global)")
+    return window
 
 
 def _split_blocks(x, axis: int, block: int, pad_value=0):
@@ -161,15 +186,25 @@ def _to_blocks(q_BTNH, k_BSKH, v_BSKH, mask: SegmentMask, kv_mask: SegmentMask, 
         _split_blocks(int32(kv_mask.segment_ids_BT), 1, block_kv, -1))
 
 
-def _block_mask(q_pos, q_seg, kv_pos, kv_seg, kv_heads: int, g: int):
+def _block_mask(q_pos, q_seg, kv_pos, kv_seg, kv_heads: int, g: int, window: int | None):
     """The [B*K, G*bq, bk] mask of one query block [B, bq] against one key block [B, bk], and
     whether any entry of it is True, judged from block-wide bounds (cheap, conservative): not
-    if every key comes after every query or the segment ranges are apart. With index positions
-    that is every key block after the query block."""
+    if every key comes after every query, the segment ranges are apart, or (with a window)
+    every key is at least `window` positions behind every query. With index positions that is
+    every key block after the query block, and every one wholly behind its window."""
     mask_BQS = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_pos[:, None, :] <= q_pos[:, :, None])
     later = kv_pos.min(axis=1) > q_pos.max(axis=1)
     apart = (kv_seg.min(axis=1) > q_seg.max(axis=1)) | (kv_seg.max(axis=1) < q_seg.min(axis=1))
-    return _fold_mask(mask_BQS, kv_heads, g), jnp.any(~(later | apart))
+    hidden = later | apart
+    if window is not None:
+        mask_BQS &= q_pos[:, :, None] - kv_pos[:, None, :] < window
+        # Bounds over real tokens only: padded queries (position 0) and keys (int32 max) would
+        # stretch them. A block of padding alone gets the fill values, so counts as hidden.
+        big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+        newest_key = jnp.where(kv_seg >= 0, kv_pos, small).max(axis=1)
+        oldest_query = jnp.where(q_seg >= 0, q_pos, big).min(axis=1)
+        hidden |= newest_key <= oldest_query - window
+    return _fold_mask(mask_BQS, kv_heads, g), jnp.any(~hidden)
 
 
 def _scores(q, k):
@@ -187,7 +222,7 @@ def _loop(n: int, body, init):
                               (jnp.int32(0), init))[1]
 
 
-def _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv):
+def _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv, window):
     """Output [B, T, N, H] and each query row's logsumexp [nq, B*K, G*bq] (+inf: sees nothing)."""
     b, t, n, h = q_BTNH.shape
     kv_heads = k_BSKH.shape[2]
@@ -202,7 +237,7 @@ def _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv)
         def key_block(j, carry):
             k_j, v_j = blocks.k[j], blocks.v[j]
             mask_ij, visible = _block_mask(qpos_i, qseg_i, blocks.kv_pos[j], blocks.kv_seg[j],
-                                           kv_heads, g)
+                                           kv_heads, g, window)
 
             def online_softmax_step(carry):
                 m, denom, acc = carry
@@ -232,7 +267,7 @@ def _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv)
     return _unfold_queries(out, b, kv_heads), lse
 
 
-def _blockwise_backward(block_q, block_kv, residuals, d_out_BTNH):
+def _blockwise_backward(block_q, block_kv, window, residuals, d_out_BTNH):
     """FlashAttention-2's backward: one pass over the key blocks (each carrying its dK, dV),
     each over the query blocks (adding to dQ), every block's probabilities recomputed from the
     saved logsumexp. Nothing [T, S]-sized is kept."""
@@ -254,7 +289,7 @@ def _blockwise_backward(block_q, block_kv, residuals, d_out_BTNH):
             dq_all, dk, dv = carry
             q_i, do_i, lse_i, delta_i = blocks.q[i], d_out[i], lse[i], delta[i]
             mask_ij, visible = _block_mask(blocks.q_pos[i], blocks.q_seg[i], blocks.kv_pos[j],
-                                           blocks.kv_seg[j], kv_heads, g)
+                                           blocks.kv_seg[j], kv_heads, g, window)
 
             def block_grads(carry):
                 dq_all, dk, dv = carry
@@ -288,13 +323,15 @@ def _blockwise_backward(block_q, block_kv, residuals, d_out_BTNH):
     return dq, unfold_keys(dk, k_BSKH.dtype), unfold_keys(dv, v_BSKH.dtype), None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv):
-    return _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv, window):
+    return _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv,
+                              window)[0]
 
 
-def _blockwise_fwd(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv):
-    out, lse = _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv)
+def _blockwise_fwd(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv, window):
+    out, lse = _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, block_q, block_kv,
+                                  window)
     return out, (q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, out, lse)
 
 
@@ -303,14 +340,15 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_backward)
 
 def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, mask: SegmentMask,
                         kv_mask: SegmentMask | None = None, *, block_q: int | None = None,
-                        block_kv: int | None = None):
+                        block_kv: int | None = None, window: int | None = None):
     """Flash-style attention in plain XLA: chunked over query and key blocks with an online
     softmax, so no [T, S] array exists, forward or backward (the backward recomputes each
     block from the saved per-row logsumexp; it keeps q, k, v, the output and T floats a row).
 
     mask: the queries' positions and segment ids [B, T]; kv_mask: the keys' [B, S] (default:
     the same, self-attention). Query i sees key j iff their segment ids are equal and key j's
-    position is <= query i's. Block pairs where no query can see any key are skipped. A query
+    position is <= query i's; with a `window` (a static int >= 1), also less than `window`
+    behind it. Block pairs where no query can see any key are skipped. A query
     that sees no key gets zeros (the dense kernels give it the mean of V). Segment ids must be
     >= 0; T and S need not be multiples of the blocks (padded). Scores, softmax and
     accumulators are float32; the output has the input dtype. Blocks default to `BLOCK`, or
@@ -319,7 +357,7 @@ def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, mask: SegmentMask,
     kv_mask = mask if kv_mask is None else kv_mask
     t, s = q_BTNH.shape[1], k_BSKH.shape[1]
     return _blockwise(q_BTNH, k_BSKH, v_BSKH, mask, kv_mask, min(block_q or BLOCK, t),
-                      min(block_kv or BLOCK, s))
+                      min(block_kv or BLOCK, s), check_window(window))
 
 
 # ---------------------------------------------------------------- Pallas kernels
@@ -337,12 +375,20 @@ def pallas_fits_mesh(num_heads: int, num_kv_heads: int) -> bool:
                                  == sharding.split_over("heads", num_heads))
 
 
-def pallas_attention(kind: str, q_BTNH, k_BSKH, v_BSKH, mask: SegmentMask):
+def pallas_attention(kind: str, q_BTNH, k_BSKH, v_BSKH, mask: SegmentMask,
+                     window: int | None = None):
     """`kind`'s Pallas kernel on the causal packed mask (its segment ids; positions are the
-    row indices, as the model's are), shard by shard on the active mesh."""
+    row indices, as the model's are), shard by shard on the active mesh. A `window` only on
+    splash (the Triton kernel has none: `attend` runs such a layer blockwise)."""
     from cla_jax.model import pallas_attention as kernels  # Pallas loads only where used
 
-    fn = kernels.gpu_flash_attention if kind == "pallas_gpu" else kernels.tpu_splash_attention
+    if kind == "pallas_gpu":
+        if window is not None:
+            raise ValueError("pallas_gpu (jax's Triton mha) has no sliding window: run "
+                             "blockwise, as attend does")
+        fn = kernels.gpu_flash_attention
+    else:
+        fn = functools.partial(kernels.tpu_splash_attention, window=window)
     interpret = sharding.platform() != PALLAS_BACKENDS[kind]
     return sharding.per_shard(functools.partial(fn, interpret=interpret),
                               (q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BT),
@@ -396,23 +442,49 @@ def choose_kernel(requested: str, *, dtype, seq_len: int, causal_only: bool,
     return kernel
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask, *, kind: str, causal_only: bool = False):
+def causal_window(window: int | None) -> tuple[int, int] | None:
+    """`jax.nn.dot_product_attention`'s `local_window_size` for our `window`: jax's (left,
+    right) lets query i see keys i - left <= j <= i + right, so 0 <= i - j < W is (W - 1, 0)
+    (cuDNN gets `sliding_window_length` left + 1 = W: keys in (i - W, i])."""
+    return None if check_window(window) is None else (window - 1, 0)
+
+
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, causal_only: bool,
+                    window: int | None = None, implementation: str = "cudnn"):
+    """`jax.nn.dot_product_attention` by cuDNN: causal (and windowed) by cuDNN's own masks
+    when `causal_only`, else under the dense `mask` [B, T, S] (which carries any window).
+    `implementation="xla"` runs jax's XLA path with the same arguments (tests on CPU)."""
+    if causal_only:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
+                                            local_window_size=causal_window(window),
+                                            implementation=implementation)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask[:, None],
+                                        implementation=implementation)
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask, *, kind: str, causal_only: bool = False,
+           window: int | None = None):
     """Attention output [B, T, N, H] by the kernel `kind` (a `choose_kernel` result).
 
     mask: a `SegmentMask` for the flash kernels, else a boolean [B, T, S] array.
     causal_only: the mask is exactly the lower triangle (training without packing and
     without a cache), which lets cuDNN skip the masked blocks instead of reading a mask.
+    window: a local layer's sliding window (a static int >= 1: query i sees key j only if
+    0 <= i - j < window), applied by the flash kernels and causal_only cuDNN; a dense mask
+    must carry it already (`SegmentMask.dense(window)`). pallas_gpu, which has no window,
+    runs blockwise then. None: global attention.
     """
+    check_window(window)
+    if kind == "pallas_gpu" and window is not None:
+        _log_choice("blockwise", "a sliding window, which pallas_gpu (jax's Triton mha) lacks")
+        kind = "blockwise"
     if kind == "blockwise":
-        return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, mask)
+        return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, mask, window=window)
     if kind in PALLAS_BACKENDS:
-        return pallas_attention(kind, q_BTNH, k_BSKH, v_BSKH, mask)
+        return pallas_attention(kind, q_BTNH, k_BSKH, v_BSKH, mask, window)
     if kind == "reference":
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask)
     if kind == "cudnn":
-        if causal_only:
-            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
-                                                implementation="cudnn")
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask[:, None],
-                                            implementation="cudnn")
+        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask, causal_only=causal_only,
+                               window=window)
     return folded_attention(q_BTNH, k_BSKH, v_BSKH, mask)

@@ -4,7 +4,13 @@ packed documents, the mask given as segment ids, never as [B, T, S] scores.
 - gpu_flash_attention:  jax's Triton kernel (`pallas.ops.gpu.attention.mha`): an online-softmax
                         forward and one fused dK/dV/dQ backward kernel (its own custom_vjp).
 - tpu_splash_attention: jax's splash attention (`pallas.ops.tpu.splash_attention`): a static
-                        causal mask whose all-masked blocks are never visited, and segment ids.
+                        causal mask whose all-masked blocks are never visited, and segment ids;
+                        with `window=W`, splash's `LocalMask` (left W - 1, right 0) instead, so
+                        a sliding-window layer visits only the blocks its window touches.
+
+A sliding window on GPU: jax's Triton `mha` masks by causality and segment ids only (no
+window, nor a mask argument), so `gpu_flash_attention` has none; `attention.attend` runs a
+local layer asked to run pallas_gpu by the blockwise kernel instead.
 
 Both take q [B, T, N, H], k/v [B, T, K, H] with N a multiple of K (MHA, GQA, MQA) and segment
 ids [B, T] (ints >= 0; padding is segment 0, one more segment). Self-attention only (S == T),
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from cla_jax.model.attention import check_window
 
 _PAD_SEGMENT = -1  # padded tokens' segment id: equal to no real one (those are >= 0)
 # The Pallas ops are imported on first use: CPU runs never need them, and a jax release that
@@ -129,14 +137,22 @@ def gpu_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, interpret: bo
 
 
 # ---------------------------------------------------------------- TPU: splash attention
-def _splash_kernel(heads: int, length: int, mqa: bool, block: int, interpret: bool):
+def _splash_kernel(heads: int, length: int, mqa: bool, block: int, interpret: bool,
+                   window: int | None = None):
     """The splash kernel of one batch element (its mask processing is NumPy over the block
     grid, at trace time). Built afresh at every trace, never cached: flax's scan traces a
     layer group more than once, and a kernel built in one trace would carry its mask-info
-    arrays into the next as leaked tracers."""
+    arrays into the next as leaked tracers. With a `window`, keys i - window < j <= i
+    (`LocalMask`: q - left <= kv <= q + right): the blocks wholly outside are dropped from
+    the kernel's grid, not just masked."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
+    def head_mask():
+        if window is None:
+            return splash.CausalMask((length, length))
+        return splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+
+    mask = splash.MultiHeadMask([head_mask() for _ in range(heads)])
     block_sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
@@ -146,7 +162,7 @@ def _splash_kernel(heads: int, length: int, mqa: bool, block: int, interpret: bo
 
 
 def tpu_splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, interpret: bool = False,
-                         block: int | None = None):
+                         block: int | None = None, window: int | None = None):
     """Causal, segment-masked flash attention by jax's splash attention kernel (TPU).
 
     GQA and MQA run natively: the kernel reads KV head i // G for query head i (the MQA
@@ -154,7 +170,8 @@ def tpu_splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, interpret: b
     the kernel (splash does not scale), in q's dtype. block: every forward and backward
     block, a multiple of 128; default the largest of 512, 256, 128 dividing T rounded up to
     128. T is padded to a multiple of the block. The batch is vmapped. Lane-aligned head dims
-    (128) are the fast case on TPU.
+    (128) are the fast case on TPU. window: a static int >= 1, query i then sees key j only
+    if also i - j < window (row indices); None: global.
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -168,7 +185,8 @@ def tpu_splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, interpret: b
     q, k, v, seg = _pad_sequence(q_BTNH * h ** -0.5, k_BSKH, v_BSKH, segment_ids_BT,
                                  _round_up(t, block))
     length = q.shape[1]
-    kernel = _splash_kernel(n, length, kv_heads == 1, block, bool(interpret))
+    kernel = _splash_kernel(n, length, kv_heads == 1, block, bool(interpret),
+                            check_window(window))
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, T, H]
     if kv_heads == 1:
         k, v = k[:, 0], v[:, 0]  # the MQA kernel's [T, H]
