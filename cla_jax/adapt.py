@@ -1,15 +1,15 @@
-"""Adapt a trained checkpoint to another layer grouping (the paper's uptraining experiment).
+"""Adapt a trained checkpoint to another KV map (the paper's uptraining experiment).
 
     python -m cla_jax.adapt --from_workdir=runs/mqa --config=configs/my_cla2.py \
         --workdir=runs/mqa_to_cla2 --recipe=keep
     python train.py --config=configs/my_cla2.py --workdir=runs/mqa_to_cla2   # uptrain
 
-Every weight but K/V is copied layer by layer. Each new group's producer gets K/V weights by
-one of the two recipes seen in the field:
-  keep   the producer layer's own K/V projections (the other layers' are dropped)
-  mean   the mean of the group's layers' K/V projections
-and, for a group of more than one layer, a K/V norm initialised from the producer's attention
-norm (which is what fed its K/V before). The result is a step-0 checkpoint with a fresh
+Every weight but K/V is copied layer by layer. Each new producer gets K/V weights by one of
+the two recipes seen in the field:
+  keep   the K/V the producer layer attended with (its own, or its old producer's)
+  mean   the mean of those of every layer that will use its K/V
+and, when other layers use its K/V, a K/V norm initialised from the norm that fed those K/V
+before. Layer types (global, local) may change too: they change masks, not weights. The result is a step-0 checkpoint with a fresh
 optimizer state in a new workdir, which train.py then trains as a new run.
 """
 from __future__ import annotations
@@ -31,75 +31,78 @@ KV = ("key", "value")
 
 
 def layer_params(params, config: ModelConfig) -> list[dict]:
-    """The per-layer param dicts of a scanned model, in depth order."""
+    """The per-layer param dicts of a scanned model, in depth order (stage, step, layer)."""
     layers = []
-    for s, (size, count) in enumerate(config.stages):
-        stage = params[f"stage_{s}"]
-        for g in range(count):
-            layers += [jax.tree_util.tree_map(lambda x, g=g: np.asarray(x[g]),
-                                              stage[f"layer_{i}"]) for i in range(size)]
+    for s, stage in enumerate(config.plan):
+        tree = params[f"stage_{s}"]
+        for g in range(stage.steps):
+            layers += [jax.tree_util.tree_map(lambda x, g=g: np.asarray(x[g]), tree[f"layer_{i}"])
+                       for i in range(len(stage.layers))]
     return layers
 
 
 def stack_layers(layers: list[dict], config: ModelConfig) -> dict:
-    """The inverse of `layer_params`: stages of stacked groups."""
-    stages, first = {}, 0
-    for s, (size, count) in enumerate(config.stages):
-        groups = [layers[first + g * size:first + (g + 1) * size] for g in range(count)]
+    """The inverse of `layer_params`: stages of stacked steps."""
+    stages = {}
+    for s, stage in enumerate(config.plan):
+        size = len(stage.layers)
+        steps = [layers[stage.first + g * size:stage.first + (g + 1) * size]
+                 for g in range(stage.steps)]
         stages[f"stage_{s}"] = {
             f"layer_{i}": jax.tree_util.tree_map(lambda *xs: np.stack(xs),
-                                                 *[group[i] for group in groups])
+                                                 *[step[i] for step in steps])
             for i in range(size)}
-        first += size * count
     return stages
 
 
 def _effective_kv(layers: list[dict], config: ModelConfig) -> list[dict]:
     """For every layer, the K/V weights and the norm feeding them that it attends with."""
-    kv, index = [], 0
-    for size in config.groups:
-        producer = layers[index]
-        norm = producer["kv_norm"] if size > 1 else producer["attn_norm"]
-        kv += [{"key": producer["key"], "value": producer["value"], "norm": norm}] * size
-        index += size
+    kv = []
+    for source in config.kv_source_of:
+        producer = layers[source]
+        norm = producer["kv_norm"] if "kv_norm" in producer else producer["attn_norm"]
+        kv.append({"key": producer["key"], "value": producer["value"], "norm": norm})
     return kv
 
 
+# What adapting may change: the KV map (which layers produce K/V, which reuse whose, and
+# each layer's attention type): every weight keeps its shape.
+MAP_FIELDS = ("kv_sharing", "group_sizes", "kv_sources", "layer_types", "local_window")
+
+
 def check_adaptable(source: ModelConfig, target: ModelConfig) -> None:
-    """Raises ConfigError unless `target` differs from `source` only in the layer grouping
-    (kv_sharing, group_sizes): the one change adapting to CLA makes."""
-    ignore = ("kv_sharing", "group_sizes")
+    """Raises ConfigError unless `target` differs from `source` only in the KV map
+    (`MAP_FIELDS`): the one change adapting to CLA (or to local layers) makes."""
     diffs = [f"{k}: {v!r} vs {target.to_dict()[k]!r}" for k, v in source.to_dict().items()
-             if k not in ignore and target.to_dict()[k] != v]
+             if k not in MAP_FIELDS and target.to_dict()[k] != v]
     if diffs:
-        raise ConfigError("only the layer grouping (kv_sharing, group_sizes) may change when "
+        raise ConfigError(f"only the KV map ({', '.join(MAP_FIELDS)}) may change when "
                           f"adapting a checkpoint; these differ: {'; '.join(diffs)}")
 
 
 def convert_params(params, source: ModelConfig, target: ModelConfig, recipe: str = "keep"):
-    """`params` of model `source` rearranged for `target` (same model but the grouping)."""
+    """`params` of model `source` rearranged for `target` (same model but the KV map)."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; use one of {RECIPES}")
     check_adaptable(source, target)
     old = layer_params(params, source)
     old_kv = _effective_kv(old, source)
-    new, index = [], 0
-    for size in target.groups:
-        members = range(index, index + size)
-        for position, layer in enumerate(members):
-            weights = {k: v for k, v in old[layer].items() if k not in KV + ("kv_norm",)}
-            if position == 0:
-                for name in KV:
-                    if recipe == "keep":
-                        weights[name] = old_kv[layer][name]
-                    else:
-                        weights[name] = jax.tree_util.tree_map(
-                            lambda *xs: np.mean(xs, axis=0).astype(xs[0].dtype),
-                            *[old_kv[m][name] for m in members])
-                if size > 1:
-                    weights["kv_norm"] = jax.tree_util.tree_map(np.copy, old_kv[layer]["norm"])
-            new.append(weights)
-        index += size
+    sources = target.kv_source_of
+    new = []
+    for layer, producer in enumerate(sources):
+        weights = {k: v for k, v in old[layer].items() if k not in KV + ("kv_norm",)}
+        if producer == layer:
+            members = [m for m, s in enumerate(sources) if s == layer]
+            for name in KV:
+                if recipe == "keep":
+                    weights[name] = old_kv[layer][name]
+                else:
+                    weights[name] = jax.tree_util.tree_map(
+                        lambda *xs: np.mean(xs, axis=0).astype(xs[0].dtype),
+                        *[old_kv[m][name] for m in members])
+            if len(members) > 1:
+                weights["kv_norm"] = jax.tree_util.tree_map(np.copy, old_kv[layer]["norm"])
+        new.append(weights)
     top = {k: v for k, v in params.items() if not k.startswith("stage_")}
     return {**jax.device_get(top), **stack_layers(new, target)}
 

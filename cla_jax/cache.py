@@ -2,7 +2,8 @@
 
 Layers that reuse their group's K/V have no entry at all, so the cache is
 num_kv_layers / num_layers the size of a per-layer cache. Slot j of a sequence holds the
-token at position j; the model writes new tokens at their positions.
+token at position j; the model writes new tokens at their positions. A local (sliding
+window) producer's entry is a ring of its window instead: bounded whatever the context.
 
 An int8 cache (`init_cache(..., dtype=jnp.int8)`) stores K and V as int8 plus one bfloat16
 absmax scale per token and KV head (see `quantize`): 2 x kv_heads x (head_dim + 2) bytes per
@@ -51,14 +52,13 @@ class StageCache:
 
 @flax.struct.dataclass
 class KVCache:
-    """The grouped KV cache of a batch of sequences: one `StageCache` per stage of layers that
-    share K/V, and how many positions each sequence has written."""
+    """The grouped KV cache of a batch of sequences: one `StageCache` per producer of each
+    stage's step (`ModelConfig.plan`), in order, and how many positions each sequence has
+    written. A global producer's entry has `max_length` slots (slot j holds position j); a
+    local one's is a ring of its window (position p in slot p % window)."""
     stages: tuple[StageCache, ...]
     lengths: jax.Array  # [batch] int32: positions written so far, per sequence
-
-    @property
-    def max_length(self) -> int:
-        return self.stages[0].key.shape[2]
+    max_length: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def batch_size(self) -> int:
@@ -68,7 +68,8 @@ class KVCache:
 def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch_size` sequences of up to `max_length` tokens; `dtype` is a
-    float dtype, or int8 (K/V quantised, with per-token, per-head scales)."""
+    float dtype, or int8 (K/V quantised, with per-token, per-head scales). A local layer's
+    entry is a ring of min(local_window, max_seq_len) slots whatever `max_length` is."""
     if max_length > config.max_seq_len:
         raise UserError(
             f"cache max_length {max_length} exceeds the model's max_seq_len "
@@ -77,25 +78,30 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
     if batch_size <= 0 or max_length <= 0:
         raise UserError(f"cache needs batch_size and max_length > 0, got "
                         f"{batch_size} and {max_length}")
-    stages = empty_stages(config, lambda groups: (groups, batch_size, max_length,
-                                                  config.num_kv_heads, config.head_dim), dtype)
-    return KVCache(stages=stages, lengths=jnp.zeros((batch_size,), jnp.int32))
+    stages = empty_stages(config, lambda groups, window: (
+        groups, batch_size, max_length if window is None else min(window, config.max_seq_len),
+        config.num_kv_heads, config.head_dim), dtype)
+    return KVCache(stages=stages, lengths=jnp.zeros((batch_size,), jnp.int32),
+                   max_length=max_length)
 
 
 def empty_stages(config: ModelConfig, shape_of, dtype) -> tuple[StageCache, ...]:
-    """One zero `StageCache` per stage, K and V of shape `shape_of(groups_in_stage)` (its last
-    axis head_dim; int8 adds scales of the shape without it)."""
+    """One zero `StageCache` per producer of each stage's step, K and V of shape
+    `shape_of(steps_in_stage, window)` (window: the producer's local window, or None; the
+    last axis head_dim; int8 adds scales of the shape without it)."""
     dtype = jnp.dtype(dtype)
     if not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
         raise UserError(f"cache dtype {dtype} is not supported; use a float dtype "
                         "(float32, bfloat16, float16) or int8")
     stages = []
-    for _, num_groups in config.stages:
-        shape = shape_of(num_groups)
-        scales = ()
-        if dtype == jnp.int8:
-            scales = tuple(jnp.zeros(shape[:-1], SCALE_DTYPE) for _ in range(2))
-        stages.append(StageCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales))
+    for stage in config.plan:
+        for i in stage.producers:
+            shape = shape_of(stage.steps, stage.layers[i].window)
+            scales = ()
+            if dtype == jnp.int8:
+                scales = tuple(jnp.zeros(shape[:-1], SCALE_DTYPE) for _ in range(2))
+            stages.append(StageCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                                     *scales))
     return tuple(stages)
 
 

@@ -1,4 +1,5 @@
-"""How many cached tokens fit a memory budget, with CLA and without (the group-size-1 twin).
+"""How many cached tokens fit a memory budget, with CLA and without (the group-size-1 twin;
+for a model with local layers, also its all-global twin).
 
 Measured from the cache arrays' shapes and dtypes (`jax.eval_shape` of `init_cache`, nothing
 allocated), not from a formula, so it stays true to what decoding really allocates: an int8
@@ -17,8 +18,15 @@ from cla_jax.config import ModelConfig
 
 
 def without_cla(config: ModelConfig) -> ModelConfig:
-    """The same model with every layer producing its own K/V (group size 1)."""
-    return config.replace(kv_sharing=1, group_sizes=None)
+    """The same model with every layer producing its own K/V (no sharing; the layer types
+    and local windows stay)."""
+    return config.replace(kv_sharing=1, group_sizes=None, kv_sources="")
+
+
+def all_global(config: ModelConfig) -> ModelConfig:
+    """The same model with every layer global and producing its own K/V."""
+    return config.replace(kv_sharing=1, group_sizes=None, kv_sources="", layer_types="",
+                          local_window=0)
 
 
 def cache_bytes(config: ModelConfig, batch_size: int, context: int, dtype="bfloat16") -> int:
@@ -34,14 +42,18 @@ def capacity(config: ModelConfig, budget_bytes: int, context: int | None = None,
     config and for its no-CLA twin."""
     context = context or config.max_seq_len
     report = {"budget_bytes": int(budget_bytes), "context": context, "dtype": str(dtype)}
-    for name, cfg in (("cla", config), ("no_cla", without_cla(config))):
+    twins = [("cla", config), ("no_cla", without_cla(config))]
+    if config.has_local_layers:
+        twins.append(("all_global", all_global(config)))
+    for name, cfg in twins:
         per_sequence = cache_bytes(cfg, 1, context, dtype)
         per_token = per_sequence // context
         report[name] = {"bytes_per_token": per_token,
                         "max_cached_tokens": budget_bytes // per_token,
                         "max_batch_at_context": budget_bytes // per_sequence}
-    report["capacity_ratio"] = (report["cla"]["max_cached_tokens"]
-                                / report["no_cla"]["max_cached_tokens"])
+    for twin, key in (("no_cla", "capacity_ratio"), ("all_global", "ratio_vs_all_global")):
+        if twin in report:
+            report[key] = report["cla"]["max_cached_tokens"] / report[twin]["max_cached_tokens"]
     return report
 
 
@@ -55,12 +67,18 @@ def main(argv):
     scales = " (int8 K/V + bfloat16 scales)" if r["dtype"] == "int8" else ""
     print(f"KV-cache budget {flags.FLAGS.budget_gib} GiB at {r['dtype']}{scales}, "
           f"context {r['context']}:")
-    for name, label in (("cla", f"this config (groups {list(config.groups)})"),
-                        ("no_cla", "its no-CLA twin")):
+    for name, label in (("cla", f"this config ({config.num_kv_layers} of {config.num_layers} "
+                                f"layers cache K/V)"),
+                        ("no_cla", "its no-CLA twin"),
+                        ("all_global", "its all-global no-sharing twin")):
+        if name not in r:
+            continue
         c = r[name]
         print(f"  {label}: {c['bytes_per_token']} bytes/token, {c['max_cached_tokens']:,} "
               f"cached tokens = batch {c['max_batch_at_context']:,} x {r['context']}")
-    print(f"  capacity ratio: {r['capacity_ratio']:.3f}x")
+    print(f"  capacity ratio: {r['capacity_ratio']:.3f}x" + (
+        f" (vs all-global: {r['ratio_vs_all_global']:.3f}x)" if "ratio_vs_all_global" in r
+        else ""))
 
 
 def run():

@@ -1,12 +1,23 @@
 """The model config: a typed, validated, frozen view of an ml_collections ConfigDict.
 
-The layer-group pattern is the CLA part. Layers are cut into consecutive groups; the first
-layer of a group (the producer) projects K/V and every layer of the group attends with them.
-A *stage* is a run of consecutive groups of one size; each stage becomes one `nn.scan`.
+The KV-sharing map is the CLA part, and its generalisation. Every layer has an attention
+type, global or local (a sliding window of `local_window` tokens), and a K/V source: itself
+(a *producer*, which projects and caches K/V) or an earlier producer of the same type, whose
+K/V it attends with (a *consumer*, no K/V weights, no cache). Shorthands expand to the map:
+
+    kv_sharing=k          CLA-k: each run of same-type layers cut into groups of k
+    group_sizes="1,2x9,1" explicit consecutive groups (the first layer of each produces)
+    layer_types="5:1"     five local layers, then one global, repeated (or letters "llg..")
+    kv_sources="last:8"   the last 8 layers reuse the K/V of the last producer of their type
+                          before them (Gemma 3n, YOCO); or one source index per layer
+
+The map becomes a `plan` of stages, each one `nn.scan` over identical steps of consecutive
+layers (`plan_stages`): compile time follows the pattern, not the depth.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Mapping
 
@@ -56,6 +67,125 @@ def groups_for_sharing(num_layers: int, kv_sharing: int) -> tuple[int, ...]:
     return (kv_sharing,) * full + ((rest,) if rest else ())
 
 
+def parse_layer_types(spec: str, num_layers: int) -> str:
+    """model.layer_types -> one letter per layer, "g" (global) or "l" (local). "" = all
+    global; "5:1" = five local then one global, repeated over the depth; or the letters."""
+    spec = spec.replace(" ", "").replace(",", "").lower()
+    if not spec:
+        return "g" * num_layers
+    ratio = re.fullmatch(r"(\d+):(\d+)", spec)
+    if ratio:
+        period = "l" * int(ratio[1]) + "g" * int(ratio[2])
+        if not period:
+            raise ConfigError(f"model.layer_types {spec!r}: the ratio needs a layer")
+        return (period * num_layers)[:num_layers]
+    if set(spec) - {"l", "g"} or len(spec) != num_layers:
+        raise ConfigError(
+            f"model.layer_types {spec!r}: write a local:global ratio such as '5:1', or one "
+            f"letter per layer (l = local, g = global), {num_layers} letters")
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayer:
+    """One layer of a scan step. `source` is where its K/V come from: "self" (it produces
+    them), "step" (the step's layer `ref` produces them) or "outer" (layer `ref`, a producer
+    of an earlier stage, whose K/V that stage hands over: a scan-invariant input)."""
+    window: int | None  # local: the last `window` positions; None: global
+    source: str = "self"
+    ref: int = 0
+    shared: bool = False  # a producer whose K/V other layers use too: it gets a K/V norm
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """`steps` repetitions of the same consecutive layers, one `nn.scan` (layers first ...
+    first + steps x len(layers) - 1). `exports`: the step positions of producers whose K/V
+    a later stage uses (the stage then has one step)."""
+    first: int
+    steps: int
+    layers: tuple[StepLayer, ...]
+    exports: tuple[int, ...] = ()
+
+    @property
+    def producers(self) -> tuple[int, ...]:
+        """Step positions of the layers that produce (and cache) K/V, in order."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.source == "self")
+
+    @property
+    def num_layers(self) -> int:
+        return self.steps * len(self.layers)
+
+
+# A producer followed by more consumers than this, once, hands its K/V to a stage of its own
+# consumers instead of unrolling them in its step (YOCO, "last N share"): compile time then
+# stays flat in N.
+MAX_UNROLLED_CONSUMERS = 3
+
+
+def plan_stages(windows: tuple, sources: tuple) -> tuple[Stage, ...]:
+    """Cuts the layers into stages of identical steps (each stage one nn.scan), greedily:
+    from the first layer not yet placed, the step length whose repetitions cover the most
+    layers (at least two steps; the shorter step on a tie), or else one step of a producer
+    and the consumers right after it. A step is identical to the first when every layer has
+    the same type, role and source relative to the step (or the same earlier-stage producer);
+    a producer whose K/V layers outside its step use has a one-step stage of its own."""
+    num_layers = len(sources)
+    users = [[j for j in range(num_layers) if sources[j] == i] for i in range(num_layers)]
+
+    def step_at(start: int, stage_first: int, length: int):
+        """The StepLayers of layers start..start+length-1, or None if they cannot be a step
+        of a stage beginning at stage_first."""
+        layers = []
+        for i in range(start, start + length):
+            s = sources[i]
+            if s == i:
+                layers.append(StepLayer(windows[i], "self", 0, len(users[i]) > 1))
+            elif s >= start:
+                layers.append(StepLayer(windows[i], "step", s - start))
+            elif s < stage_first:
+                layers.append(StepLayer(windows[i], "outer", s))
+            else:
+                return None  # a producer in an earlier step of the same stage
+        return tuple(layers)
+
+    def leaves_step(start: int, length: int) -> bool:
+        return any(u >= start + length for i in range(start, start + length)
+                   if sources[i] == i for u in users[i])
+
+    stages, first = [], 0
+    while first < num_layers:
+        best = None  # (layers covered, -step length, steps)
+        for length in range(1, (num_layers - first) // 2 + 1):
+            template = step_at(first, first, length)
+            if template is None or leaves_step(first, length):
+                continue
+            steps = 1
+            while first + (steps + 1) * length <= num_layers:
+                start = first + steps * length
+                if step_at(start, first, length) != template or leaves_step(start, length):
+                    break
+                steps += 1
+            if steps >= 2 and (best is None or (steps * length, -length) > best[:2]):
+                best = (steps * length, -length, steps)
+        if best is None:  # one step: a producer and the consumers right after it
+            length = 1
+            while (first + length < num_layers and sources[first + length] == first):
+                length += 1
+            if length > 1 + MAX_UNROLLED_CONSUMERS:  # the producer alone: its consumers
+                length = 1                           # then scan as one stage
+            steps = 1
+        else:
+            length, steps = -best[1], best[2]
+        layers = step_at(first, first, length)
+        exports = tuple(i for i in range(length) if layers[i].source == "self"
+                        and leaves_step(first + i, 1) and any(
+                            u >= first + length for u in users[first + i]))
+        stages.append(Stage(first, steps, layers, exports))
+        first += steps * length
+    return tuple(stages)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything that fixes the model's parameters and computation."""
@@ -69,6 +199,9 @@ class ModelConfig:
     mlp_dim: int
     kv_sharing: int = 1
     group_sizes: tuple[int, ...] | None = None
+    layer_types: str = ""     # "" all global; "5:1" local:global, repeated; or "llg..."
+    local_window: int = 0     # tokens a local layer sees (itself included); > 0 with locals
+    kv_sources: str = ""      # "" from kv_sharing/group_sizes; "last:N"; or "0,0,2,2,..."
     rope_base: float = 10000.0
     rope_scaling: str = "default"
     rope_scaling_factor: float = 1.0          # linear and llama3
@@ -117,28 +250,122 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    @functools.cached_property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer: its local window, or None for a global layer."""
+        return tuple(self.local_window if t == "l" else None
+                     for t in parse_layer_types(self.layer_types, self.num_layers))
+
+    @functools.cached_property
+    def kv_source_of(self) -> tuple[int, ...]:
+        """Per layer: the layer whose K/V it attends with (itself for a producer)."""
+        return _kv_sources(self)
+
+    @property
+    def producers(self) -> tuple[int, ...]:
+        """The layers that project and cache K/V, in order."""
+        return tuple(i for i, s in enumerate(self.kv_source_of) if s == i)
+
     @property
     def groups(self) -> tuple[int, ...]:
-        """Size of every layer group, in order; one K/V producer per group."""
-        if self.group_sizes is not None:
-            return tuple(self.group_sizes)
-        return groups_for_sharing(self.num_layers, self.kv_sharing)
+        """For every producer, in order, how many layers use its K/V (itself included):
+        the CLA group sizes when groups are consecutive."""
+        sources = self.kv_source_of
+        return tuple(sources.count(p) for p in self.producers)
+
+    @functools.cached_property
+    def plan(self) -> tuple[Stage, ...]:
+        """The stages the model scans (`plan_stages`)."""
+        return plan_stages(self.layer_windows, self.kv_source_of)
 
     @property
     def stages(self) -> tuple[tuple[int, int], ...]:
-        """(group_size, num_groups) for each run of consecutive equal-sized groups."""
-        stages: list[list[int]] = []
-        for size in self.groups:
-            if stages and stages[-1][0] == size:
-                stages[-1][1] += 1
-            else:
-                stages.append([size, 1])
-        return tuple((size, count) for size, count in stages)
+        """(layers per step, steps) of each stage; for consecutive groups, (group_size,
+        num_groups) of each run of consecutive equal-sized groups."""
+        return tuple((len(stage.layers), stage.steps) for stage in self.plan)
 
     @property
     def num_kv_layers(self) -> int:
-        """Layers that produce (and cache) K/V: one per group."""
-        return len(self.groups)
+        """Layers that produce (and cache) K/V."""
+        return len(self.producers)
+
+    @property
+    def has_local_layers(self) -> bool:
+        return any(w is not None for w in self.layer_windows)
+
+
+def _kv_sources(c: ModelConfig) -> tuple[int, ...]:
+    """Resolves kv_sources (or kv_sharing / group_sizes, and "last:N") to a source per layer."""
+    windows, n = c.layer_windows, c.num_layers
+    spec = c.kv_sources.replace(" ", "")
+    last = 0
+    if spec.startswith("last:"):
+        if not re.fullmatch(r"last:\d+", spec) or not 0 < int(spec[5:]) < n:
+            raise ConfigError(f"model.kv_sources {spec!r}: write 'last:N' with N in [1, "
+                              f"{n - 1}] (the last N layers reuse an earlier producer's K/V)")
+        last = int(spec[5:])
+    elif spec:
+        if c.kv_sharing != 1 or c.group_sizes is not None:
+            raise ConfigError("model.kv_sources lists every layer's source, so it replaces "
+                              "model.kv_sharing and model.group_sizes: set kv_sharing=1 and "
+                              "group_sizes=''")
+        try:
+            sources = tuple(int(x) for x in spec.split(","))
+        except ValueError:
+            raise ConfigError(f"model.kv_sources {spec!r}: write 'last:N' or one layer index "
+                              "per layer, e.g. '0,0,2,2'") from None
+        if len(sources) != n:
+            raise ConfigError(f"model.kv_sources lists {len(sources)} sources but "
+                              f"model.num_layers is {n}")
+        _check_sources(sources, windows)
+        return sources
+    head = n - last
+    if c.group_sizes is not None:
+        if sum(c.group_sizes) != head:
+            tail = f" (the first {head}: the last {last} reuse K/V)" if last else ""
+            raise ConfigError(f"model.group_sizes {list(c.group_sizes)} sums to "
+                              f"{sum(c.group_sizes)} layers but the groups must cover "
+                              f"{head}{tail}; model.num_layers is {n}")
+        sizes = c.group_sizes
+    else:  # CLA-k within each run of consecutive layers of one type
+        sizes, start = [], 0
+        for end in range(1, head + 1):
+            if end == head or windows[end] != windows[start]:
+                sizes += groups_for_sharing(end - start, min(c.kv_sharing, end - start))
+                start = end
+    sources, first = [], 0
+    for size in sizes:
+        sources += [first] * size
+        first += size
+    for i in range(head, n):
+        earlier = [p for p in range(head) if sources[p] == p and windows[p] == windows[i]]
+        if not earlier:
+            raise ConfigError(f"model.kv_sources 'last:{last}': layer {i} "
+                              f"({_type_name(windows[i])}) has no earlier "
+                              f"{'global' if windows[i] is None else 'local'} producer to "
+                              "reuse; make N smaller")
+        sources.append(earlier[-1])
+    _check_sources(tuple(sources), windows)
+    return tuple(sources)
+
+
+def _type_name(window) -> str:
+    return "global" if window is None else f"local, window {window}"
+
+
+def _check_sources(sources: tuple[int, ...], windows: tuple) -> None:
+    for i, s in enumerate(sources):
+        if not 0 <= s <= i:
+            raise ConfigError(f"model KV map: layer {i} takes K/V from layer {s}, which is not "
+                              f"an earlier layer; a source must be in [0, {i}]")
+        if sources[s] != s:
+            raise ConfigError(f"model KV map: layer {i} takes K/V from layer {s}, which itself "
+                              f"reuses layer {sources[s]}'s; point layer {i} at layer "
+                              f"{sources[s]}")
+        if windows[s] != windows[i]:
+            raise ConfigError(f"model KV map: layer {i} ({_type_name(windows[i])}) takes K/V "
+                              f"from layer {s} ({_type_name(windows[s])}); a layer reuses "
+                              "only a producer of its own attention type")
 
 
 def _validate(c: ModelConfig) -> None:
@@ -162,13 +389,27 @@ def _validate(c: ModelConfig) -> None:
                  "use the explicit pattern")
         if not c.group_sizes or any(s <= 0 for s in c.group_sizes):
             fail(f"model.group_sizes must be positive sizes, got {list(c.group_sizes)}")
-        if sum(c.group_sizes) != c.num_layers:
+        if sum(c.group_sizes) != c.num_layers and not c.kv_sources.startswith("last:"):
             fail(f"model.group_sizes {list(c.group_sizes)} sums to {sum(c.group_sizes)} "
                  f"layers but model.num_layers is {c.num_layers}")
     elif isinstance(c.kv_sharing, bool) or not isinstance(c.kv_sharing, int) \
             or not 1 <= c.kv_sharing <= c.num_layers:
         fail(f"model.kv_sharing must be an integer from 1 (no CLA) to num_layers "
              f"({c.num_layers}), got {c.kv_sharing!r}")
+    for name in ("layer_types", "kv_sources"):
+        if not isinstance(getattr(c, name), str):
+            fail(f"model.{name} must be a string, got {getattr(c, name)!r}")
+    if isinstance(c.local_window, bool) or not isinstance(c.local_window, int) \
+            or c.local_window < 0:
+        fail(f"model.local_window must be an integer >= 0, got {c.local_window!r}")
+    locals_ = "l" in parse_layer_types(c.layer_types, c.num_layers)
+    if locals_ and not c.local_window:
+        fail(f"model.layer_types {c.layer_types!r} has local layers: set model.local_window "
+             "to the tokens each sees (e.g. 128)")
+    if c.local_window and not locals_:
+        fail(f"model.local_window is {c.local_window} but no layer is local; set "
+             "model.layer_types (e.g. '5:1') or local_window=0")
+    c.plan  # resolves and checks the KV map  # noqa: B018
     if not c.rope_base > 1:
         fail(f"model.rope_base must be > 1, got {c.rope_base!r}")
     _validate_rope_scaling(c)
@@ -219,21 +460,34 @@ def _validate_rope_scaling(c: ModelConfig) -> None:
                               f"{value!r}")
 
 
-def kv_bytes_per_token(config: ModelConfig, bytes_per_element: int = 2) -> int:
-    """KV-cache bytes per token: K and V x kv_heads x head_dim x producing layers x bytes."""
-    return 2 * config.num_kv_heads * config.head_dim * config.num_kv_layers * bytes_per_element
+def kv_bytes_per_token(config: ModelConfig, bytes_per_element: int = 2,
+                       context: int | None = None) -> float:
+    """KV-cache bytes per token of a `context`-token sequence (default model.max_seq_len):
+    K and V x kv_heads x head_dim x bytes for each global producer, and for each local one
+    the same x ring / context, its ring of min(local_window, max_seq_len) slots being all it
+    keeps (allocated whole, so a context shorter than the ring still pays for the ring).
+    An int when every producer is global."""
+    per_layer = 2 * config.num_kv_heads * config.head_dim * bytes_per_element
+    windows = [config.layer_windows[p] for p in config.producers]
+    if all(w is None for w in windows):
+        return per_layer * len(windows)
+    context = context or config.max_seq_len
+    ring = min(config.local_window, config.max_seq_len)
+    return per_layer * sum(1 if w is None else ring / context for w in windows)
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward (3 x forward), as MFU counts them (PaLM,
     appendix B): 6 per weight of every matmul (projections, SwiGLU, unembedding; not the
     embedding lookup or norms) plus attention's QK^T and PV, 6 x 2 x heads x head_dim x seq_len
-    per layer, counted over the whole square (XLA's attention computes the masked half too)."""
+    per layer, counted over the whole square (XLA's attention computes the masked half too);
+    a local layer's over its window (the flash kernels skip the blocks outside it)."""
     d, h = config.d_model, config.head_dim
     matmul_weights = (config.num_layers * (2 * d * config.num_heads * h + 3 * d * config.mlp_dim)
                       + config.num_kv_layers * 2 * d * config.num_kv_heads * h
                       + d * config.vocab_size)
-    attention = config.num_layers * 2 * config.num_heads * h * seq_len
+    seen = [seq_len if w is None else min(w, seq_len) for w in config.layer_windows]
+    attention = sum(seen) * 2 * config.num_heads * h
     return 6.0 * (matmul_weights + attention)
 
 

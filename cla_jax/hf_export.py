@@ -42,6 +42,11 @@ def check_exportable(model: ModelConfig, where) -> None:
             f"{where}: the model shares K/V across layers (layer groups {list(model.groups)}); "
             "a Hugging Face Llama has no cross-layer K/V sharing, so only CLA1 models "
             "(model.kv_sharing=1, every group one layer) can be exported")
+    if model.has_local_layers:
+        raise ConfigError(
+            f"{where}: the model has local (sliding-window) layers (model.layer_types "
+            f"{model.layer_types!r}); a Hugging Face Llama attends globally in every layer, so "
+            "only models with model.layer_types='' can be exported")
 
 
 def hf_tensors(params, model: ModelConfig) -> dict[str, np.ndarray]:

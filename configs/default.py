@@ -12,6 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         vocab_size=4096, d_model=192, num_layers=6, num_heads=4, num_kv_heads=1,
         head_dim=64, mlp_dim=512, kv_sharing=2, group_sizes="",  # e.g. "1,2x2,1"; "" = groups of kv_sharing
+        # The KV map beyond CLA (docs/guides/kv_sharing.md): layer_types "5:1" = five local
+        # (sliding-window) layers per global one; kv_sources "last:3" = the last 3 layers
+        # reuse the K/V of the last producer of their type before them.
+        layer_types="", local_window=0, kv_sources="",
         rope_base=10000.0, norm_eps=1e-5, max_seq_len=512, tie_embeddings=False,
         init_std=0.02, dtype="float32", param_dtype="float32", attention="auto", remat="none",
         loss_chunk_size=128,  # positions per chunk of the unembedding + cross-entropy; 0 = whole

@@ -462,3 +462,28 @@ def test_the_embedding_gradient_never_moves_every_row_or_the_whole_table(devices
     text = jax.jit(scatter_add).lower(g, ids).compile().as_text()
     gathered = [c.to_dict() for c in hlo.Program(text).collectives()]
     assert full_gathers(gathered), gathered  # here: the whole table all-reduced over all 8
+
+
+def test_local_layers_compile_with_windowed_kernels_and_a_ring_cache_in_place(devices):
+    """5:1 local:global (window 256) with CLA2 among the local layers: on TPU the train step
+    runs splash attention for both layer types (the local ones with a sliding-window mask);
+    on GPU the global layer runs Triton and the local ones blockwise (jax's Triton kernel has
+    no window), with no [T, S] scores buffer either way; the decode step writes its donated
+    cache, rings included, in place. Negative control: a window-less model's local layers
+    would hold a cache entry of max_length slots, not 256."""
+    family = MODEL.replace(num_layers=6, layer_types="5:1", local_window=256)
+    kernel = {"v5p-8": "tpu_custom_call", "8xh100": "__gpu$xla.gpu.triton"}
+    for name in ("v5p-8", "8xh100"):
+        result = compiled("train", setup_for(devices[name], family), name)
+        assert kernel[name] in result["kernels"], (name, result["kernels"])
+        assert result["suspicious_buffers"] == [], (name, result["suspicious_buffers"])
+    setup = setup_for(devices["8xh100"], family, decode_batch_per_shard=16, prompt_len=512,
+                      max_new_tokens=512)
+    program = serve_step(setup)
+    figures = report.memory(program.fn.lower(*program.args).compile())
+    assert figures["alias"] >= program.cache_bytes > 0, (figures, program.cache_bytes)
+    global_twin = serve_step(dataclasses.replace(setup, model=family.replace(
+        layer_types="", local_window=0)))
+    # Producers: locals 0, 2, 4 (rings of 256) and the global 5, against the all-global CLA2
+    # twin's 3 producers of 1024 slots.
+    assert program.cache_bytes * 3 * 1024 == global_twin.cache_bytes * (3 * 256 + 1024)

@@ -154,29 +154,30 @@ def test_capacity_counts_cached_tokens_from_the_cache_shapes(pattern, ratio):
     assert report["capacity_ratio"] == pytest.approx(ratio, rel=1e-3)
 
 
-class XsYsGroup(transformer.CLAGroup):
-    """Negative control, the old layout: a group's cache slice goes into the stage's scan as
-    xs and comes out as ys, a new buffer, so every decode step copies each stage's cache."""
+class XsYsStep(transformer.LayerStep):
+    """Negative control, the old layout: a step's cache slices go into the stage's scan as
+    xs and come out as ys, new buffers, so every decode step copies each stage's cache."""
 
-    def __call__(self, carry, kv_slice, mask_BTS, positions_BT):
-        x_BTD, group = carry
-        one_group = tuple(a[None] for a in kv_slice)
-        (x_BTD, kv, _), _ = transformer.CLAGroup.__call__(
-            self, (x_BTD, one_group, jnp.int32(0)), mask_BTS, positions_BT)
-        return (x_BTD, group + 1), tuple(a[0] for a in kv)
+    def __call__(self, carry, kv_slices, masks, positions_BT, outer_kv):
+        x_BTD, step = carry
+        one_step = tuple(tuple(a[None] for a in entry) for entry in kv_slices)
+        (x_BTD, kv, _), _ = transformer.LayerStep.__call__(
+            self, (x_BTD, one_step, jnp.int32(0)), masks, positions_BT, outer_kv)
+        return (x_BTD, step + 1), tuple(tuple(a[0] for a in entry) for entry in kv)
 
 
-def xs_ys_stage(config, group_size, num_groups, causal_only, kv_window, name):
-    """A drop-in for `transformer.scanned_stage` (same params) built on `XsYsGroup`."""
-    stage = nn.scan(XsYsGroup, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast), length=num_groups,
-                    metadata_params={nn.PARTITION_NAME: "layers"},
-                    )(config, group_size, causal_only, kv_window, name=name)
+def xs_ys_stage(config, stage, causal_only, kv_window, name):
+    """A drop-in for `transformer.scanned_stage` (same params) built on `XsYsStep` (stages
+    without exported K/V)."""
+    scan = nn.scan(XsYsStep, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=stage.steps,
+                   metadata_params={nn.PARTITION_NAME: "layers"},
+                   )(config, stage.layers, stage.exports, (), causal_only, kv_window, name=name)
 
-    def call(carry, mask_BTS, positions_BT):
-        x_BTD, stage_kv, group = carry
-        (x_BTD, _), stage_kv = stage((x_BTD, group), stage_kv, mask_BTS, positions_BT)
-        return (x_BTD, stage_kv, group), None
+    def call(carry, masks, positions_BT, outer_kv):
+        x_BTD, stage_kv, step = carry
+        (x_BTD, _), stage_kv = scan((x_BTD, step), stage_kv, masks, positions_BT, outer_kv)
+        return (x_BTD, stage_kv, step), ()
     return call
 
 

@@ -184,11 +184,15 @@ def generate(setup: Setup) -> Program:
                    cache_bytes=_cache_bytes(model, rows, context, setup))
 
 
-def _cache_bytes(model: ModelConfig, rows: int, length: int, setup: Setup) -> int:
+def _cache_bytes(model: ModelConfig, rows: int, length: int, setup: Setup,
+                 rings: bool = True) -> int:
     """The KV cache's bytes per device (its batch split over the batch shards, its KV heads
-    over tensor when they divide)."""
+    over tensor when they divide). rings: local layers keep a ring of their window (the slot
+    cache), else every position (a block pool)."""
     per_element = 1 if setup.cache_dtype == "int8" else jnp.dtype(setup.cache_dtype).itemsize
-    total = kv_bytes_per_token(model, per_element) * rows * length
+    per_token = (kv_bytes_per_token(model, per_element, length) if rings else
+                 2 * model.num_kv_heads * model.head_dim * per_element * model.num_kv_layers)
+    total = round(per_token * rows * length)
     tensor = setup.mesh.shape["tensor"]
     heads_split = tensor if model.num_kv_heads % tensor == 0 else 1
     shards = setup.batch_shards if rows % setup.batch_shards == 0 else 1
@@ -279,7 +283,7 @@ def paged_step(setup: Setup) -> Program:
     return Program("paged_step", _Bound(engine._step, steps), (engine.params, pool, inputs),
                    flops, rows * steps,
                    _shape_check(setup, setup.prompt_len, window, rows),
-                   cache_bytes=_cache_bytes(engine.config, 1, positions, setup))
+                   cache_bytes=_cache_bytes(engine.config, 1, positions, setup, rings=False))
 
 
 class _Bound:

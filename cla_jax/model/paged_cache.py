@@ -44,8 +44,8 @@ def init_pool(config: ModelConfig, num_blocks: int, block_size: int,
               dtype=jnp.float32) -> tuple[StageCache, ...]:
     """An empty block pool: one `StageCache` per stage, leaves
     [kv_heads, groups, num_blocks, block_size, head_dim] (scales without head_dim)."""
-    return empty_stages(config, lambda groups: (config.num_kv_heads, groups, num_blocks,
-                                                block_size, config.head_dim), dtype)
+    return empty_stages(config, lambda groups, window: (
+        config.num_kv_heads, groups, num_blocks, block_size, config.head_dim), dtype)
 
 
 def choose_kernel(requested: str, *, quantized: bool, num_heads: int, num_kv_heads: int,
@@ -122,12 +122,15 @@ class PagedBatch:
         return (jnp.where(inside, block, NULL_BLOCK),
                 jnp.where(inside, self.positions % self.block_size, 0))
 
-    def masks(self) -> tuple[jax.Array, jax.Array | None]:
+    def masks(self, local_window: int | None = None) -> tuple[jax.Array, jax.Array | None]:
         """Boolean masks over each row's gathered window: decode [D, 1, W], prefill
-        [P, C, W]. Slot j of a row holds position j, so a query sees j <= its position."""
+        [P, C, W]. Slot j of a row holds position j, so a query sees j <= its position (and,
+        for a local layer, j > its position - local_window)."""
         slots = jnp.arange(self.window)
         d = self.num_decode
         see = slots[None, :] <= self.positions[:, None]  # [T, W]
+        if local_window is not None:
+            see &= slots[None, :] > self.positions[:, None] - local_window
         decode = see[:d, None]
         prefill = see[d:].reshape(self.num_prefill, self.chunk, -1) if self.num_prefill else None
         return decode, prefill
@@ -165,10 +168,13 @@ def write(pool_kv: tuple, group: jax.Array, k_T1KH: jax.Array, v_T1KH: jax.Array
         jnp.moveaxis(n, 1, 0).astype(c.dtype))) for c, n in zip(pool_kv, new))
 
 
-def read(pool_kv: tuple, group: jax.Array, batch: PagedBatch, dtype) -> RowsKV:
+def read(pool_kv: tuple, group: jax.Array, batch: PagedBatch, dtype,
+         local_window: int | None = None) -> RowsKV:
     """Group `group`'s K and V [rows, W, K, H] in `dtype` for the rows the XLA path serves:
-    each table's blocks gathered in position order (int8 dequantised here)."""
-    first = 0 if batch.kernel == "xla" else batch.num_decode
+    each table's blocks gathered in position order (int8 dequantised here). A local layer's
+    rows all take the XLA path (the kernels have no window)."""
+    xla = batch.kernel == "xla" or local_window is not None
+    first = 0 if xla else batch.num_decode
     tables = batch.tables[first:]
 
     def rows(c):  # [K, R, W / block_size, block_size, ...] -> [R, W, K, ...]
@@ -180,16 +186,18 @@ def read(pool_kv: tuple, group: jax.Array, batch: PagedBatch, dtype) -> RowsKV:
         arrays = tuple(rows(c) for c in pool_kv)
         kv = (tuple(dequantize(q, s, dtype) for q, s in zip(arrays[:2], arrays[2:]))
               if len(arrays) == 4 else tuple(a.astype(dtype) for a in arrays))
-    if batch.kernel == "xla":
+    if xla:
         return RowsKV(*kv)
     return RowsKV(*kv, pages=pool_kv, page_offset=group * pool_kv[0].shape[2])
 
 
-def attend(q_T1NH: jax.Array, kv: RowsKV, batch: PagedBatch) -> jax.Array:
+def attend(q_T1NH: jax.Array, kv: RowsKV, batch: PagedBatch,
+           local_window: int | None = None) -> jax.Array:
     """Attention output [T, 1, N, H]: the decode tokens against their rows, each prefill row's
-    chunk against its row (earlier chunks and cached prefix blocks included)."""
+    chunk against its row (earlier chunks and cached prefix blocks included); a local layer
+    sees the last `local_window` positions only."""
     d, p, c = batch.num_decode, batch.num_prefill, batch.chunk
-    decode_mask, prefill_mask = batch.masks()
+    decode_mask, prefill_mask = batch.masks(local_window)
     parts = []
     if d and kv.pages is not None:
         out = decode_kernel(batch.kernel, q_T1NH[:d, 0], kv.pages,

@@ -8,13 +8,14 @@ One forward serves training (no cache), prefill and decode (a grouped cache in a
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cla_jax.cache import KVCache, StageCache, constrain_cache, dequantize, quantize
-from cla_jax.config import REMAT_POLICIES, ModelConfig
+from cla_jax.config import REMAT_POLICIES, ModelConfig, Stage, StepLayer
 from cla_jax.model import paged_cache
 from cla_jax.model.attention import FLASH_KERNELS, SegmentMask, attend, choose_kernel
 from cla_jax.model.layers import (
@@ -64,23 +65,65 @@ def read_cache(cache_kv: tuple, group: jax.Array, window: int | None, dtype):
     return tuple(a.astype(dtype) for a in arrays)
 
 
+class RingMask(NamedTuple):
+    """A local layer's view of a slot cache: its window of past positions is a ring of
+    `window` slots (position p in slot p % window), read before the step writes and attended
+    together with the step's own tokens. mask: [B, T, window + T]; slots: [B, T], the ring
+    slot each token is written to (window = not written: padding, or not among the last
+    `window` of its row)."""
+    mask: jax.Array
+    slots: jax.Array
+
+
+def ring_mask(positions_BT, valid_BT, lengths_B, window: int) -> RingMask:
+    """What the local layers of a cached step attend over: the ring's slots, holding the
+    `window` positions before `lengths` (slot j: the latest p < length with p % window == j),
+    then the step's tokens, each seen by a query within `window` positions at or before it."""
+    q = positions_BT[:, :, None]
+    last = lengths_B[:, None] - 1
+    held_BW = last - jnp.mod(last - jnp.arange(window)[None, :], window)  # -1.. if empty
+    old = (held_BW[:, None, :] >= 0) & (held_BW[:, None, :] <= q) & (q - held_BW[:, None, :] < window)
+    k = positions_BT[:, None, :]
+    new = valid_BT[:, None, :] & (k <= q) & (q - k < window)
+    newest_B1 = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1, keepdims=True)
+    written = valid_BT & (positions_BT > newest_B1 - window)
+    return RingMask(jnp.concatenate([old, new], axis=-1),
+                    jnp.where(written, jnp.mod(positions_BT, window), window))
+
+
+def ring_attend_kv(cache_kv: tuple, group: jax.Array, k_BTKH, v_BTKH, mask: RingMask):
+    """A local producer's step over its ring: (K and V [B, window + T, K, H] to attend with:
+    the ring as it was, then the new tokens; the ring with the new tokens written). An int8
+    ring's new tokens are attended as stored (quantised), as later steps will read them."""
+    dtype = k_BTKH.dtype
+    old = read_cache(cache_kv, group, None, dtype)
+    new = (k_BTKH, v_BTKH)
+    if len(cache_kv) == 4:
+        new = tuple(dequantize(*quantize(x), dtype) for x in new)
+    kv = tuple(jnp.concatenate([o, n], axis=1) for o, n in zip(old, new))
+    return kv, write_cache(cache_kv, group, k_BTKH, v_BTKH, mask.slots)
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU. Only a producer owns K/V projections (and a cache slot)."""
+    """Pre-norm attention + SwiGLU. Only a producer owns K/V projections (and a cache entry).
+    window: a local layer's window (None: global)."""
 
     config: ModelConfig
     produces_kv: bool
     separate_kv_norm: bool
     causal_only: bool
     kv_window: int | None = None
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_BTD, kv, cache_kv, group, mask, positions_BT):
-        """mask: what `attention_mask` built for the kernel `config.attention`, or a paged
-        step's `PagedBatch` (then cache_kv is the stage's block pool)."""
+        """mask: what `attention_mask` built for the kernel `config.attention` (a local layer
+        with a slot cache: a `RingMask`), or a paged step's `PagedBatch` (then cache_kv is
+        the stage's block pool)."""
         cfg = self.config
         h_BTD = RMSNorm(cfg, name="attn_norm")(x_BTD)
         if self.produces_kv:
-            # CLA: a shared K/V gets its own norm; a group of one is a plain Llama layer.
+            # CLA: a shared K/V gets its own norm; a layer alone is a plain Llama layer.
             kv_in = RMSNorm(cfg, name="kv_norm")(x_BTD) if self.separate_kv_norm else h_BTD
             kv_features = (cfg.num_kv_heads, cfg.head_dim)
             kv_axes = ("embed", "kv_heads", "head_dim")
@@ -90,9 +133,12 @@ class DecoderLayer(nn.Module):
             axes = ("batch", "length", "kv_heads", "head_dim")
             if isinstance(mask, paged_cache.PagedBatch):  # kv: the rows' blocks (RowsKV)
                 cache_kv = paged_cache.write(cache_kv, group, k_BTKH, v_BTKH, mask)
-                kv = paged_cache.read(cache_kv, group, mask, k_BTKH.dtype)
+                kv = paged_cache.read(cache_kv, group, mask, k_BTKH.dtype, self.window)
             else:
-                if cache_kv is not None:
+                if isinstance(mask, RingMask):
+                    (k_BTKH, v_BTKH), cache_kv = ring_attend_kv(cache_kv, group, k_BTKH,
+                                                                v_BTKH, mask)
+                elif cache_kv is not None:
                     cache_kv = write_cache(cache_kv, group, k_BTKH, v_BTKH, positions_BT)
                     k_BTKH, v_BTKH = read_cache(cache_kv, group, self.kv_window, k_BTKH.dtype)
                 kv = tuple(constrain(a, axes) for a in (k_BTKH, v_BTKH))
@@ -102,59 +148,92 @@ class DecoderLayer(nn.Module):
         q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
         if isinstance(mask, paged_cache.PagedBatch):
-            out_BTNH = paged_cache.attend(q_BTNH, kv, mask)
+            out_BTNH = paged_cache.attend(q_BTNH, kv, mask, self.window)
         else:
-            out_BTNH = attend(q_BTNH, *kv, mask, kind=cfg.attention,
-                              causal_only=self.causal_only)
+            out_BTNH = attend(q_BTNH, *kv, mask.mask if isinstance(mask, RingMask) else mask,
+                              kind=cfg.attention, causal_only=self.causal_only,
+                              window=self.window)
         x_BTD = x_BTD + projection(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"),
                                    "out")(out_BTNH)
         x_BTD = x_BTD + SwiGLU(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BTD))
         return constrain(x_BTD, ("batch", "length", "embed")), kv, cache_kv
 
 
-class CLAGroup(nn.Module):
-    """One scan step: the producer computes K/V once, every layer of the group uses them."""
+class LayerStep(nn.Module):
+    """One scan step of a stage: its layers in order, each producer computing K/V once for
+    the layers of the step that use them; a layer whose producer is in an earlier stage
+    attends with that stage's K/V (`outer_kv`, the same for every step)."""
 
     config: ModelConfig
-    group_size: int
+    layers: tuple[StepLayer, ...]
+    exports: tuple[int, ...]
+    outer_refs: tuple[int, ...]  # the earlier producers (layer indices) `outer_kv` holds
     causal_only: bool
     kv_window: int | None = None
 
     @nn.compact
-    def __call__(self, carry, mask, positions_BT):
-        """carry: (x [B, T, D], the stage's cache arrays (`StageCache.arrays()`) or None,
-        this group's index). mask: `attention_mask`'s."""
-        x_BTD, cache_kv, group = carry
-        kv = None
-        for i in range(self.group_size):
+    def __call__(self, carry, masks, positions_BT, outer_kv):
+        """carry: (x [B, T, D], the cache arrays (`StageCache.arrays()`) of each producer of
+        the step, or None, this step's index). masks: (global, local) masks or a PagedBatch.
+        Returns the carry and the K/V of the producers in `exports`."""
+        x_BTD, caches, step = carry
+        caches = list(caches) if caches is not None else None
+        kvs, entry = {}, 0
+        for i, layer in enumerate(self.layers):
+            cache_kv = None
+            if layer.source == "self":
+                kv = None
+                cache_kv = None if caches is None else caches[entry]
+            elif layer.source == "step":
+                kv = kvs[layer.ref]
+            else:
+                kv = outer_kv[self.outer_refs.index(layer.ref)]
+            mask = masks if isinstance(masks, paged_cache.PagedBatch) else \
+                masks[layer.window is not None]
             x_BTD, kv, cache_kv = DecoderLayer(
-                self.config, produces_kv=i == 0, separate_kv_norm=self.group_size > 1,
-                causal_only=self.causal_only, kv_window=self.kv_window, name=f"layer_{i}",
-            )(x_BTD, kv, cache_kv, group, mask, positions_BT)
-        return (x_BTD, cache_kv, group + 1), None
+                self.config, produces_kv=layer.source == "self", separate_kv_norm=layer.shared,
+                causal_only=self.causal_only, kv_window=self.kv_window, window=layer.window,
+                name=f"layer_{i}")(x_BTD, kv, cache_kv, step, mask, positions_BT)
+            if layer.source == "self":
+                kvs[i] = kv
+                if caches is not None:
+                    caches[entry] = cache_kv
+                entry += 1
+        caches = tuple(caches) if caches is not None else None
+        return (x_BTD, caches, step + 1), tuple(kvs[i] for i in self.exports)
 
 
-def scanned_stage(config: ModelConfig, group_size: int, num_groups: int, causal_only: bool,
+def scanned_stage(config: ModelConfig, stage: Stage, causal_only: bool,
                   kv_window: int | None, name: str) -> nn.Module:
-    """A stage: `num_groups` equal groups as one nn.scan; params get a leading `layers` axis."""
-    group = CLAGroup
+    """A stage: its steps as one nn.scan; params get a leading `layers` axis (one per step)."""
+    step = LayerStep
     if REMAT_POLICIES[config.remat] is not None:
         policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[config.remat])
-        group = nn.remat(CLAGroup, policy=policy, prevent_cse=False)
+        step = nn.remat(LayerStep, policy=policy, prevent_cse=False)
+    outer_refs = tuple(sorted({layer.ref for layer in stage.layers if layer.source == "outer"}))
     return nn.scan(
-        group, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
+        step, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=stage.steps,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(config, group_size, causal_only, kv_window, name=name)
+    )(config, stage.layers, stage.exports, outer_refs, causal_only, kv_window, name=name)
 
 
 def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None,
-                   kv_window: int | None = None, kernel: str = "xla"):
+                   kv_window: int | None = None, kernel: str = "xla",
+                   local_window: int | None = None):
     """Boolean [B, T, S] mask: causal, within one packed document, or over cache slots. For
     the flash kernels (no cache) the same causal packed mask as a `SegmentMask`: each
-    token's index in its row and its segment id, so no [B, T, T] array is built."""
+    token's index in its row and its segment id, so no [B, T, T] array is built (the kernels
+    apply a local window themselves). With `local_window`, a local layer's mask: without a
+    cache, the dense mask limited to the last `local_window` positions; with one, a
+    `RingMask` over its ring and the step's tokens."""
     b, t = tokens_BT.shape
     if cache is not None:
+        if local_window is not None:
+            valid_BT = positions_BT < cache.max_length
+            if segment_ids_BT is not None:
+                valid_BT &= segment_ids_BT > 0
+            return ring_mask(positions_BT, valid_BT, cache.lengths, local_window)
         # Slot j holds position j; slots past a query's position are empty or stale padding.
         slots = kv_window or cache.max_length
         return jnp.arange(slots)[None, None, :] <= positions_BT[:, :, None]
@@ -162,7 +241,10 @@ def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | Non
     if kernel in FLASH_KERNELS:
         segments_BT = jnp.ones_like(tokens_BT) if segment_ids_BT is None else segment_ids_BT
         return SegmentMask(jnp.broadcast_to(index, (b, t)), segments_BT)
-    mask_BTS = jnp.broadcast_to(index[:, None] >= index[None, :], (b, t, t))
+    see_TT = index[:, None] >= index[None, :]
+    if local_window is not None:
+        see_TT &= index[:, None] - index[None, :] < local_window
+    mask_BTS = jnp.broadcast_to(see_TT, (b, t, t))
     if segment_ids_BT is not None:
         mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
     return mask_BTS
@@ -218,19 +300,29 @@ class Transformer(nn.Module):
                                with_cache=cache is not None, num_heads=cfg.num_heads,
                                num_kv_heads=cfg.num_kv_heads)
         if paged:
-            mask = cache.batch
-        else:
-            mask = attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache, kv_window,
-                                  kernel)
+            masks = cache.batch
+        else:  # (global layers', local layers')
+            local = None if not cfg.has_local_layers else attention_mask(
+                tokens_BT, positions_BT, segment_ids_BT, cache, kv_window, kernel,
+                min(cfg.local_window, cfg.max_seq_len))
+            masks = (attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache, kv_window,
+                                    kernel), local)
 
-        new_stages = []
-        for s, (group_size, num_groups) in enumerate(cfg.stages):
-            stage_kv = None if cache is None else cache.stages[s].arrays()
-            (x_BTD, stage_kv, _), _ = scanned_stage(
-                cfg.replace(attention=kernel), group_size, num_groups, causal_only, kv_window,
-                name=f"stage_{s}")((x_BTD, stage_kv, jnp.int32(0)), mask, positions_BT)
+        new_stages, exported, entry = [], {}, 0
+        for s, stage in enumerate(cfg.plan):
+            entries = None if cache is None else cache.stages[entry:entry + len(stage.producers)]
+            carry = (x_BTD, None if cache is None else tuple(e.arrays() for e in entries),
+                     jnp.int32(0))
+            outer = tuple(exported[r] for r in sorted({layer.ref for layer in stage.layers
+                                                        if layer.source == "outer"}))
+            (x_BTD, stage_kv, _), kv_out = scanned_stage(
+                cfg.replace(attention=kernel), stage, causal_only, kv_window,
+                name=f"stage_{s}")(carry, masks, positions_BT, outer)
+            for i, kv in zip(stage.exports, kv_out):  # one step: [1, ...] -> [...]
+                exported[stage.first + i] = jax.tree_util.tree_map(lambda a: a[0], kv)
             if cache is not None:
-                new_stages.append(StageCache(*stage_kv))
+                new_stages += [StageCache(*arrays) for arrays in stage_kv]
+            entry += len(stage.producers)
 
         if paged:
             x_BTD = x_BTD[cache.batch.sample_rows()]
@@ -252,7 +344,8 @@ class Transformer(nn.Module):
             return out, cache.replace(stages=tuple(new_stages))
         valid_BT = jnp.ones_like(tokens_BT, bool) if segment_ids_BT is None else segment_ids_BT > 0
         written_B = jnp.max(jnp.where(valid_BT, positions_BT + 1, 0), axis=1)
-        return out, KVCache(stages=tuple(new_stages), lengths=jnp.maximum(cache.lengths, written_B))
+        return out, cache.replace(stages=tuple(new_stages),
+                                  lengths=jnp.maximum(cache.lengths, written_B))
 
 
 def init_params(config: ModelConfig, rng: jax.Array):

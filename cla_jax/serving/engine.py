@@ -214,7 +214,7 @@ class Engine:
                     return jax.lax.dynamic_update_slice(pool_leaf, prefix_leaf, start)
 
                 stages = jax.tree_util.tree_map(put, state.cache.stages, prefix.cache.stages)
-                cache = constrain_cache(KVCache(
+                cache = constrain_cache(state.cache.replace(
                     stages=stages,
                     lengths=state.cache.lengths.at[slot].set(prefix.cache.lengths[0])))
                 settings = jax.tree_util.tree_map(lambda a, b: a.at[slot].set(b[0]),
