@@ -12,6 +12,9 @@ Repeats go round-robin over all cases, so slow spells on a shared machine hit ev
 alike; the median is reported.
 
     PYTHONPATH=. python benchmarks/compile_time.py --depths=4,8,16,32 --repeats=5
+    # A KV-sharing family map (issue 29): 5:1 local:global, CLA2, the last half reusing K/V
+    PYTHONPATH=. python benchmarks/compile_time.py --depths=24,48,96 --patterns= \
+        --layer_types=5:1 --local_window=64 --kv_sources=last:half --repeats=3
 """
 from __future__ import annotations
 
@@ -62,6 +65,12 @@ def parse_args(argv=None):
                    help=f"CLA patterns compared at --pattern_depth; any of {sorted(PATTERNS)}; "
                         "empty to skip")
     p.add_argument("--pattern_depth", type=int, default=32)
+    p.add_argument("--layer_types", default="",
+                   help="model.layer_types of the depth sweep, e.g. 5:1 (local:global)")
+    p.add_argument("--local_window", type=int, default=0, help="model.local_window")
+    p.add_argument("--kv_sources", default="",
+                   help="model.kv_sources of the depth sweep; last:half = the last half of "
+                        "the layers reuse K/V")
     p.add_argument("--repeats", type=int, default=5, help="compiles per case; median reported")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq_len", type=int, default=128)
@@ -86,9 +95,13 @@ def parse_args(argv=None):
     return args
 
 
-def model_config(depth: int, kv_sharing: int, group_sizes, remat: str) -> ModelConfig:
+def model_config(depth: int, kv_sharing: int, group_sizes, remat: str,
+                 kv_map: dict | None = None) -> ModelConfig:
+    kv_map = dict(kv_map or {})
+    if kv_map.get("kv_sources") == "last:half":
+        kv_map["kv_sources"] = f"last:{depth // 2}"
     return ModelConfig(num_layers=depth, kv_sharing=kv_sharing, group_sizes=group_sizes,
-                       remat=remat, **BASE_MODEL)
+                       remat=remat, **BASE_MODEL, **kv_map)
 
 
 def abstract_inputs(config: ModelConfig, batch: int, seq_len: int):
@@ -139,8 +152,11 @@ def summarize(values):
 
 def run(args):
     jax.config.update("jax_enable_compilation_cache", False)
+    kv_map = dict(layer_types=args.layer_types, local_window=args.local_window,
+                  kv_sources=args.kv_sources)
     cases = [dict(name=f"depth{d}_cla{args.kv_sharing}", group="depth", depth=d,
-                  kv_sharing=args.kv_sharing, group_sizes=None) for d in args.depths]
+                  kv_sharing=args.kv_sharing, group_sizes=None, kv_map=kv_map)
+             for d in args.depths]
     for name in args.patterns:
         kv_sharing, group_sizes = PATTERNS[name](args.pattern_depth)
         cases.append(dict(name=f"{name}_depth{args.pattern_depth}", group="pattern",
@@ -148,7 +164,7 @@ def run(args):
                           group_sizes=group_sizes))
     for case in cases:
         config = model_config(case["depth"], case["kv_sharing"], case["group_sizes"],
-                              args.remat)
+                              args.remat, case.get("kv_map"))
         case["config"] = config
         case["groups"] = list(config.groups)
         case["stages"] = [list(s) for s in config.stages]
@@ -215,6 +231,7 @@ def run(args):
               "treat differences of ~10-15% as noise unless they repeat."),
         settings=dict(repeats=args.repeats, batch=args.batch, seq_len=args.seq_len,
                       remat=args.remat, depths=args.depths, sweep_kv_sharing=args.kv_sharing,
+                      sweep_kv_map=kv_map,
                       pattern_depth=args.pattern_depth, patterns=args.patterns),
         model=dict(BASE_MODEL, remat=args.remat),
         measured_seconds=round(elapsed, 1),

@@ -52,7 +52,7 @@ def corpus_glob(tmp_path_factory):
 # frees up, in collection order, so a long file collected last (alphabetically) would leave the
 # other worker idle at the end. Longest first keeps both busy (longest-processing-time order).
 # Rough CPU seconds per file on 2 cores, 2026-12-02; any file not listed runs after these.
-LONGEST_FILES_FIRST = ("test_aot.py", "test_train.py", "test_serving.py", "test_sharding.py", "test_model.py",
+LONGEST_FILES_FIRST = ("test_aot.py", "test_kv_map.py", "test_train.py", "test_serving.py", "test_sharding.py", "test_model.py",
                        "test_checkpoint_integrity.py", "test_gcs.py", "test_pareto.py",
                        "test_multiprocess.py", "test_adapt.py", "test_serve.py",
                        "test_serve_soak.py", "test_serve_limits.py", "test_readme.py",

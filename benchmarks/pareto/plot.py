@@ -22,7 +22,7 @@ def read_table(path) -> dict[str, dict]:
     with open(path) as f:
         for row in csv.DictReader(f):
             entry = models.setdefault(row["model"], {
-                "cla": bool(int(row["cla"])), "kv_bytes_per_token": int(row["kv_bytes_per_token"]),
+                "cla": bool(int(row["cla"])), "kv_bytes_per_token": float(row["kv_bytes_per_token"]),
                 "ppls": []})
             entry["ppls"].append(float(row["val_ppl"]))
     if not models:
@@ -51,12 +51,13 @@ def summary_lines(models: dict[str, dict]) -> list[str]:
     lines = [f"{'model':<14} {'KV B/token':>10} {'seeds':>5} {'val ppl mean':>12} "
              f"{'std':>6}  frontier"]
     for name, e in sorted(models.items(), key=lambda item: item[1]["kv_bytes_per_token"]):
-        lines.append(f"{name:<14} {e['kv_bytes_per_token']:>10} {len(e['ppls']):>5} "
+        lines.append(f"{name:<14} {e['kv_bytes_per_token']:>10g} {len(e['ppls']):>5} "
                      f"{e['mean']:>12.2f} {e['spread']:>6.2f}  {'*' if name in frontier else ''}")
     return lines
 
 
-def plot(models: dict[str, dict], out: pathlib.Path, title: str = "") -> None:
+def plot(models: dict[str, dict], out: pathlib.Path, title: str = "",
+         xlabel: str = "KV cache bytes per token (16-bit)") -> None:
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -79,7 +80,7 @@ def plot(models: dict[str, dict], out: pathlib.Path, title: str = "") -> None:
             [models[m]["mean"] for m in frontier], where="post", color="grey",
             linestyle="--", linewidth=1, label="Pareto frontier")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("KV cache bytes per token (16-bit)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation perplexity (mean over seeds, ±1 std)")
     ax.set_title(title or "KV cache size vs perplexity")
     ax.legend(fontsize=8)
@@ -94,12 +95,14 @@ def main(argv=None):
     parser.add_argument("table", type=pathlib.Path, help="results CSV")
     parser.add_argument("--out", type=pathlib.Path, help="PNG (default: the table's name .png)")
     parser.add_argument("--title", default="", help="plot title")
+    parser.add_argument("--xlabel", default="KV cache bytes per token (16-bit)",
+                        help="x axis label (say the context and dtypes the bytes are at)")
     args = parser.parse_args(argv)
     if not args.table.is_file():
         parser.error(f"{args.table} does not exist; run benchmarks/pareto/sweep.py first")
     models = read_table(args.table)
     out = args.out or args.table.with_suffix(".png")
-    plot(models, out, args.title)
+    plot(models, out, args.title, args.xlabel)
     print("\n".join(summary_lines(models)))
     print(f"plot in {out}")
 
