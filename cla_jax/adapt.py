@@ -9,8 +9,9 @@ the two recipes seen in the field:
   keep   the K/V the producer layer attended with (its own, or its old producer's)
   mean   the mean of those of every layer that will use its K/V
 and, when other layers use its K/V, a K/V norm initialised from the norm that fed those K/V
-before. Layer types (global, local) may change too: they change masks, not weights. The result is a step-0 checkpoint with a fresh
-optimizer state in a new workdir, which train.py then trains as a new run.
+before. Layer types (global, local) may change too: they change masks, not weights. The
+result is a step-0 checkpoint with a fresh optimizer state in a new workdir, which train.py
+then trains as a new run.
 """
 from __future__ import annotations
 

@@ -81,8 +81,8 @@ def ring_mask(positions_BT, valid_BT, lengths_B, window: int) -> RingMask:
     then the step's tokens, each seen by a query within `window` positions at or before it."""
     q = positions_BT[:, :, None]
     last = lengths_B[:, None] - 1
-    held_BW = last - jnp.mod(last - jnp.arange(window)[None, :], window)  # -1.. if empty
-    old = (held_BW[:, None, :] >= 0) & (held_BW[:, None, :] <= q) & (q - held_BW[:, None, :] < window)
+    held_B1W = (last - jnp.mod(last - jnp.arange(window)[None, :], window))[:, None]  # < 0: empty
+    old = (held_B1W >= 0) & (held_B1W <= q) & (q - held_B1W < window)
     k = positions_BT[:, None, :]
     new = valid_BT[:, None, :] & (k <= q) & (q - k < window)
     newest_B1 = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1, keepdims=True)
