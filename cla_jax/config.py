@@ -116,6 +116,11 @@ class Stage:
     def num_layers(self) -> int:
         return self.steps * len(self.layers)
 
+    @property
+    def outer_refs(self) -> tuple[int, ...]:
+        """The earlier stages' producers (layer indices) whose K/V this stage's steps use."""
+        return tuple(sorted({layer.ref for layer in self.layers if layer.source == "outer"}))
+
 
 # A producer followed by more consumers than this, once, hands its K/V to a stage of its own
 # consumers instead of unrolling them in its step (YOCO, "last N share"): compile time then

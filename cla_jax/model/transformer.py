@@ -210,12 +210,11 @@ def scanned_stage(config: ModelConfig, stage: Stage, causal_only: bool,
     if REMAT_POLICIES[config.remat] is not None:
         policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[config.remat])
         step = nn.remat(LayerStep, policy=policy, prevent_cse=False)
-    outer_refs = tuple(sorted({layer.ref for layer in stage.layers if layer.source == "outer"}))
     return nn.scan(
         step, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=stage.steps,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(config, stage.layers, stage.exports, outer_refs, causal_only, kv_window, name=name)
+    )(config, stage.layers, stage.exports, stage.outer_refs, causal_only, kv_window, name=name)
 
 
 def attention_mask(tokens_BT, positions_BT, segment_ids_BT, cache: KVCache | None,
@@ -313,8 +312,7 @@ class Transformer(nn.Module):
             entries = None if cache is None else cache.stages[entry:entry + len(stage.producers)]
             carry = (x_BTD, None if cache is None else tuple(e.arrays() for e in entries),
                      jnp.int32(0))
-            outer = tuple(exported[r] for r in sorted({layer.ref for layer in stage.layers
-                                                        if layer.source == "outer"}))
+            outer = tuple(exported[r] for r in stage.outer_refs)
             (x_BTD, stage_kv, _), kv_out = scanned_stage(
                 cfg.replace(attention=kernel), stage, causal_only, kv_window,
                 name=f"stage_{s}")(carry, masks, positions_BT, outer)
